@@ -1,0 +1,1 @@
+"""EnCodec dead-code expiry study."""

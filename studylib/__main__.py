@@ -1,0 +1,31 @@
+"""`studylib <command> ...`: one entry point; each command lives in its own module.
+
+Commands are imported lazily so `studylib corpus` does not pay for torch start-up it does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function taking argv list and returning an exit code)
+COMMANDS = {
+    "corpus": ("studylib.corpus", "cli"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: studylib {" + ",".join(COMMANDS) + "} ...", file=sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"studylib: unknown command {name!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name]
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
