@@ -229,8 +229,9 @@ class EuclideanCodebook(nn.Module):
         """Nearest code of each row of x [n, d] -> [n]."""
         embed_t = self.embed.t()  # [d, K]
         if self.reference_arithmetic:
-            # EnCodec: -(|x|^2 - 2 x.e + |e|^2).max(-1); same operations in the same order, in place.
-            dist = (x @ embed_t).mul_(-2).add_(x.pow(2).sum(1, keepdim=True))
+            # EnCodec: -(|x|^2 - 2 x.e + |e|^2).max(-1); same roundings in the same order, in place.
+            # Scaling an operand by -2 scales every partial sum exactly, so x @ (-2 e) == -2 (x @ e).
+            dist = (x @ (-2 * self.embed).t()).add_(x.pow(2).sum(1, keepdim=True))
             return dist.add_(embed_t.pow(2).sum(0, keepdim=True)).argmin(dim=-1)
         return torch.addmm(embed_t.pow(2).sum(0, keepdim=True), x, embed_t, alpha=-2.0).argmin(dim=-1)
 
@@ -464,7 +465,7 @@ class ResidualVectorQuantizer(nn.Module):
         n_q = self.get_num_quantizers_for_bandwidth(frame_rate, bandwidth)
         if self.training and self.quantizer_dropout:
             n_q = int(torch.randint(1, n_q + 1, (1,), generator=self.generator))
-        replaced_before = [cb.replaced_total.clone() for cb in self.codebooks[:n_q]]
+        replaced_before = [cb.replaced_total.clone() for cb in self.codebooks[:n_q]] if self.training else []
 
         quantized_out = torch.zeros_like(x) if self.detach_residual else 0.0
         residual = x
@@ -490,15 +491,18 @@ class ResidualVectorQuantizer(nn.Module):
     def _metrics(self, codes: torch.Tensor, replaced_before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per level: codes used in the batch, batch perplexity, dead codes (configured threshold), codes
         replaced by this step's expiry. Tensors, so logging decides when to synchronise."""
-        out: dict[str, torch.Tensor] = {}
-        for level, (cb, level_codes, before) in enumerate(zip(self.codebooks, codes, replaced_before)):
-            counts = torch.bincount(level_codes.flatten(), minlength=self.bins).float()
-            p = counts / counts.sum()
-            out[f"used_l{level}"] = (counts > 0).sum()
-            out[f"perplexity_l{level}"] = torch.exp(torch.special.entr(p).sum())
-            out[f"dead_l{level}"] = cb.dead_mask().sum()
-            out[f"replaced_l{level}"] = cb.replaced_total - before
-        return out
+        n_q = codes.shape[0]
+        offsets = torch.arange(n_q, device=codes.device)[:, None] * self.bins
+        counts = torch.bincount((codes.reshape(n_q, -1) + offsets).flatten(), minlength=n_q * self.bins)
+        counts = counts.view(n_q, self.bins).float()  # [n_q, K] batch histogram per level
+        per_level = {
+            "used": (counts > 0).sum(1),
+            "perplexity": torch.exp(torch.special.entr(counts / counts.sum(1, keepdim=True)).sum(1)),
+            "dead": torch.stack([cb.dead_mask().sum() for cb in self.codebooks[:n_q]]),
+            "replaced": torch.stack([cb.replaced_total for cb in self.codebooks[:n_q]])
+            - torch.stack(replaced_before),
+        }
+        return {f"{name}_l{level}": values[level] for name, values in per_level.items() for level in range(n_q)}
 
     def encode(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> torch.Tensor:
         """x [B, D, T] -> codes [n_q, B, T]."""
