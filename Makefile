@@ -5,8 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SCALE  ?= cpu
+# Speech synthesis and MIDI rendering for the corpus. --no-install-recommends matters: without it
+# fluidsynth pulls in qsynth and a 119 MB soundfont.
+SYSTEM_PACKAGES := festival festvox-us-slt-hts espeak-ng fluidsynth timgm6mb-soundfont
 
-.PHONY: setup study test lint lab bench clean
+.PHONY: setup tools corpus-ci corpus study test lint lab bench clean
 
 setup: $(STAMP)
 
@@ -17,11 +20,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# System tools: installed when we are root on Debian/Ubuntu; otherwise the corpus builder prints the
+# exact command and falls back to what is installed. `apt-get download` needs the package lists too.
+tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  apt-get update -qq && \
+	  if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi; \
+	else echo "not root on Debian/Ubuntu: skipping system tools; to add them run:"; \
+	  echo "  sudo apt-get install --no-install-recommends $(SYSTEM_PACKAGES)"; fi
+
+corpus-ci: $(STAMP) tools
+	$(BIN)/python -m studylib corpus --profile ci
+
+corpus: $(STAMP) tools
+	$(BIN)/python -m studylib corpus --profile study
+
 # Until the study runner exists (issue #5), the main job is the quantizer benchmark.
 study: $(STAMP)
 	$(BIN)/python benchmarks/bench_rvq.py --out results/bench_rvq.csv
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -11,6 +11,7 @@ import sys
 # command -> (module, function taking argv list and returning an exit code)
 COMMANDS = {
     "corpus": ("studylib.corpus", "cli"),
+    "train": ("studylib.train", "cli"),
 }
 
 
