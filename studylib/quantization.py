@@ -35,6 +35,7 @@ from studylib import distributed
 
 MODES = ("none", "upstream", "fixed")
 THRESHOLD_KINDS = ("absolute", "relative")
+COUNTERS = ("steps", "checks", "replaced_last", "replaced_total")  # non-persistent per-codebook diagnostics
 
 
 def _is_number(v: object) -> bool:
@@ -112,6 +113,10 @@ def sample_vectors(samples: torch.Tensor, num: int, generator: torch.Generator |
 # ------------------------------------------------------------------------------------------ k-means
 
 
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf where the codebook needs finite data."""
+
+
 @dataclass
 class KMeansResult:
     means: torch.Tensor  # [c, d]
@@ -133,11 +138,16 @@ def nearest_upstream_exact(samples: torch.Tensor, means: torch.Tensor) -> torch.
     (the per-row reduction gives identical bits whatever the layout). Ties go to the first index.
     """
     n, d = samples.shape
-    sq_s = samples.pow(2).sum(1)  # [n]
-    sq_m = means.pow(2).sum(1)  # [c]
-    score = torch.addmm(sq_m.neg()[None], samples, means.t(), alpha=2.0)  # [n, c] = 2 s.m - |m|^2
+    # Rank on centred data: distances do not change, but the rounding error of the matmul score scales
+    # with |s - c|^2 + |m - c|^2, so latents with a large common offset keep few candidates.
+    center = samples.mean(0)
+    centred_s, centred_m = samples - center, means - center
+    sq_s = centred_s.pow(2).sum(1)  # [n]
+    sq_m = centred_m.pow(2).sum(1)  # [c]
+    score = torch.addmm(sq_m.neg()[None], centred_s, centred_m.t(), alpha=2.0)  # [n, c] = 2 s.m - |m|^2
     best = score.max(dim=1, keepdim=True).values
-    # Both scores are within (d + 2) u (|s|^2 + |m|^2) x 2 of the true value; 16 (d + 4) u is 2x that.
+    # The score, the centring and EnCodec's own expression are each within a few (d + 2) u (|s - c|^2 +
+    # |m - c|^2) of the true value; 16 (d + 4) u covers their sum with room to spare.
     margin = 16 * (d + 4) * _matmul_unit_roundoff(samples.device) * (sq_s + sq_m.max())
     rows, cols = (score >= best - margin[:, None]).nonzero(as_tuple=True)  # row-major: cols ascend
     exact = -((samples[rows] - means[cols]) ** 2).sum(-1)  # EnCodec's expression, per candidate
@@ -153,6 +163,8 @@ def kmeans(
     keep their previous mean), without the n x c x d tensor."""
     if num_iters < 1:
         raise ValueError(f"kmeans_iters: got {num_iters}, allowed an integer >= 1 when kmeans_init")
+    if not torch.isfinite(samples).all():
+        raise NonFiniteError("k-means init: the first training batch holds NaN or Inf")
     means = sample_vectors(samples, num_clusters, generator)
     counts = torch.zeros(num_clusters, dtype=torch.long, device=samples.device)
     for _ in range(num_iters):
@@ -221,7 +233,7 @@ class EuclideanCodebook(nn.Module):
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
         # Diagnostics: not in the state dict, so EnCodec checkpoints load strictly.
-        for name in ("steps", "checks", "replaced_last", "replaced_total"):
+        for name in COUNTERS:
             self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
 
     # -- lookup ----------------------------------------------------------------------------------
@@ -325,7 +337,7 @@ class EuclideanCodebook(nn.Module):
         # THE BUG (https://github.com/facebookresearch/encodec/issues/61): only `embed` is written, and the
         # EMA update right after this call rebuilds `embed` from embed_avg / cluster_size, which were not
         # touched. With a single process the expiry's only lasting effect is the RNG it consumed.
-        self.embed[expired] = x[idx[expired]]
+        self.embed[expired] = x[idx[expired]].to(self.embed.dtype)
         distributed.broadcast_(self._state())  # rank 0's buffers win on every rank
 
     def _expire_fixed(self, x: torch.Tensor) -> None:
@@ -451,6 +463,24 @@ class ResidualVectorQuantizer(nn.Module):
     @property
     def codebooks(self) -> list[EuclideanCodebook]:
         return [layer._codebook for layer in self.vq.layers]
+
+    def resume_state(self) -> dict:
+        """What a checkpoint needs beyond state_dict() to resume bit-exactly: expiry counters and every
+        generator's state (kept out of the state dict so EnCodec checkpoints load strictly)."""
+        gens = [self.generator] + [cb.generator for cb in self.codebooks]
+        return {
+            "counters": [{n: getattr(cb, n).clone() for n in COUNTERS} for cb in self.codebooks],
+            "generators": [g.get_state() if g is not None else None for g in gens],
+        }
+
+    def load_resume_state(self, state: dict) -> None:
+        for cb, counters in zip(self.codebooks, state["counters"], strict=True):
+            for name, value in counters.items():
+                getattr(cb, name).copy_(value)
+        gens = [self.generator] + [cb.generator for cb in self.codebooks]
+        for g, g_state in zip(gens, state["generators"], strict=True):
+            if g is not None:
+                g.set_state(g_state)
 
     def get_bandwidth_per_quantizer(self, frame_rate: float) -> float:
         """kbps of one level: log2(bins) bits per frame."""

@@ -360,3 +360,43 @@ def test_bad_codebook_args_name_the_field(kwargs, field):
     args = {"dim": 4, "codebook_size": 8} | kwargs
     with pytest.raises(ValueError, match=rf"^{field}: "):
         EuclideanCodebook(**args)
+
+
+def test_resume_state_continues_bit_exactly():
+    def make():
+        return ResidualVectorQuantizer(dimension=8, n_q=2, bins=64, kmeans_iters=2, quantizer_dropout=True,
+                                       expiry=ExpiryConfig(mode="fixed", threshold=1.0, every=2),
+                                       generator=torch.Generator().manual_seed(3))
+
+    straight = make()
+    for step in range(12):
+        straight(batch(step, 8 * 30, 1).view(1, 8, 30), 75)
+    first = make()
+    for step in range(5):
+        first(batch(step, 8 * 30, 1).view(1, 8, 30), 75)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    resumed.load_resume_state(first.resume_state())
+    for step in range(5, 12):
+        resumed(batch(step, 8 * 30, 1).view(1, 8, 30), 75)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [int(cb.replaced_total) for cb in straight.codebooks] == [int(cb.replaced_total) for cb in resumed.codebooks]
+
+
+def test_kmeans_exact_on_latents_with_a_large_common_offset():
+    """Real encoder latents sit far from the origin and vary little: centring keeps the candidates few."""
+    g = torch.Generator().manual_seed(0)
+    samples = 40.0 + 0.3 * torch.randn(600, 32, generator=g)
+    torch.manual_seed(1)
+    means, counts = encodec_core.kmeans(samples, 128, 5)
+    torch.manual_seed(1)
+    ours = kmeans(samples, 128, 5)
+    assert torch.equal(means, ours.means) and torch.equal(counts, ours.counts)
+
+
+def test_kmeans_on_non_finite_data_says_so():
+    from studylib.quantization import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        kmeans(torch.full((10, 4), float("nan")), 4, 2)

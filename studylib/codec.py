@@ -1,0 +1,415 @@
+"""An EnCodec-compatible neural audio codec (SEANet encoder/decoder) whose quantizer is our residual VQ.
+
+The network is EnCodec 0.1.1's, layer for layer, so an ``encodec`` state dict loads into it with
+``strict=True`` (see `Codec.from_encodec`) and gives the same codes and audio. Three things differ on
+purpose:
+
+* Every convolution holds its kernel directly (``weight_g``/``weight_v``/``bias``) instead of EnCodec's
+  ``SConv1d.conv.conv`` double wrapper; `encodec_state_dict_to_codec` drops that nesting from the keys.
+* `Codec.forward` is a *training* forward (straight-through quantizer, commitment penalty, EMA codebook
+  updates), where ``EncodecModel.forward`` only encodes and decodes. In eval mode the two are the same.
+* Under autocast the quantizer still runs in float32 (`full_precision`); the SEANet follows autocast.
+
+Shapes: B batch, C audio channels, T samples, D latent dimension, F frames (= ceil(T / hop_length)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studylib.quantization import ExpiryConfig, ResidualVectorQuantizer
+
+NORMS = ("weight_norm", "none")
+PAD_MODES = ("reflect", "constant", "replicate")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Everything that defines a codec; the defaults are EnCodec's official 24 kHz model."""
+
+    sample_rate: int = 24_000
+    channels: int = 1
+    n_filters: int = 32  # width of the outermost conv stage; doubles at every downsampling
+    n_residual_layers: int = 1  # residual blocks per stage
+    ratios: tuple[int, ...] = (8, 5, 4, 2)  # decoder upsampling order; the encoder uses them reversed
+    dimension: int = 128  # latent (and codebook) dimension D
+    lstm_layers: int = 2  # SLSTM layers after the encoder / before the decoder convs; 0 = none
+    causal: bool = True
+    norm: str = "weight_norm"
+    pad_mode: str = "reflect"
+    kernel_size: int = 7  # first conv
+    last_kernel_size: int = 7
+    residual_kernel_size: int = 3
+    dilation_base: int = 2  # residual block j of a stage has dilation dilation_base ** j
+    compress: int = 2  # residual branch width = channels // compress
+    true_skip: bool = False  # identity shortcut; False = a 1x1 conv shortcut (EnCodec's models)
+    n_q: int = 32
+    bins: int = 1024
+    decay: float = 0.99
+    kmeans_init: bool = True
+    kmeans_iters: int = 50
+    expiry: ExpiryConfig = field(default_factory=lambda: ExpiryConfig(mode="upstream"))
+    init_fix: bool | None = None  # k-means init stores means x counts in embed_avg; None = only in fixed mode
+    quantizer_dropout: bool = False
+    detach_residual: bool = False
+    target_bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)  # kbps
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience but stored as tuples so the config stays hashable.
+        object.__setattr__(self, "ratios", tuple(self.ratios))
+        object.__setattr__(self, "target_bandwidths", tuple(self.target_bandwidths))
+        for name in ("sample_rate", "channels", "n_filters", "dimension", "n_q", "kernel_size",
+                     "last_kernel_size", "residual_kernel_size", "dilation_base", "compress"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name}: got {value!r}, allowed an integer >= 1")
+        for name in ("n_residual_layers", "lstm_layers"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name}: got {value!r}, allowed an integer >= 0")
+        for name in ("causal", "kmeans_init", "quantizer_dropout", "detach_residual", "true_skip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed True or False")
+        if not self.ratios or not all(_is_int(r) and r >= 1 for r in self.ratios):
+            raise ValueError(f"ratios: got {self.ratios!r}, allowed a non-empty sequence of integers >= 1")
+        if self.n_filters // self.compress < 1:
+            raise ValueError(f"compress: got {self.compress}, allowed at most n_filters ({self.n_filters})")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm: got {self.norm!r}, allowed {NORMS}")
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode: got {self.pad_mode!r}, allowed {PAD_MODES}")
+        if not _is_int(self.bins) or self.bins < 2 or self.bins & (self.bins - 1):
+            raise ValueError(f"bins: got {self.bins!r}, allowed a power of 2 >= 2 (whole bits per code)")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay < 1:
+            raise ValueError(f"decay: got {self.decay!r}, allowed a number in (0, 1)")
+        if self.kmeans_init and (not _is_int(self.kmeans_iters) or self.kmeans_iters < 1):
+            raise ValueError(f"kmeans_iters: got {self.kmeans_iters!r}, allowed an integer >= 1")
+        if self.init_fix is not None and not isinstance(self.init_fix, bool):
+            raise ValueError(f"init_fix: got {self.init_fix!r}, allowed None, True or False")
+        if not isinstance(self.expiry, ExpiryConfig):
+            raise ValueError(f"expiry: got {self.expiry!r}, allowed an ExpiryConfig")
+        per_q = self.bandwidth_per_quantizer
+        bws = self.target_bandwidths
+        # Each target must buy at least one level and at most n_q of them (EnCodec floors bw / per_q).
+        if not bws or any(
+            isinstance(b, bool) or not isinstance(b, (int, float)) or not per_q <= b <= self.n_q * per_q
+            for b in bws
+        ) or list(bws) != sorted(set(bws)):
+            raise ValueError(
+                f"target_bandwidths: got {bws!r}, allowed a non-empty increasing sequence of kbps in "
+                f"[{per_q}, {self.n_q * per_q}] (one to n_q={self.n_q} levels of {per_q} kbps)"
+            )
+
+    @property
+    def hop_length(self) -> int:
+        """Audio samples per latent frame."""
+        return math.prod(self.ratios)
+
+    @property
+    def frame_rate(self) -> int:
+        """Latent frames per second, rounded up as EnCodec does (75 Hz for 24 kHz / 320)."""
+        return math.ceil(self.sample_rate / self.hop_length)
+
+    @property
+    def bandwidth_per_quantizer(self) -> float:
+        """kbps of one RVQ level: log2(bins) bits per frame."""
+        return math.log2(self.bins) * self.frame_rate / 1000
+
+    @classmethod
+    def encodec_24khz(cls) -> CodecConfig:
+        """EnCodec's official causal 24 kHz mono model (``EncodecModel.encodec_model_24khz``)."""
+        return cls()
+
+    @classmethod
+    def small(cls) -> CodecConfig:
+        """CPU-sized SEANet around the study's full quantizer (32 levels of K=1024, D=128)."""
+        return cls(n_filters=8, lstm_layers=1)
+
+    @classmethod
+    def tiny(cls) -> CodecConfig:
+        """Smoke tests only: narrow network, 4 short-initialised levels."""
+        return cls(n_filters=4, lstm_layers=1, dimension=32, n_q=4, kmeans_iters=5,
+                   target_bandwidths=(1.5, 3.0))
+
+
+# ------------------------------------------------------------------------------------- convolutions
+
+
+def _pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
+    """F.pad on the time axis; reflect padding wider than the signal zero-extends it first (EnCodec's)."""
+    length = x.shape[-1]
+    if mode == "reflect" and length <= max(left, right):
+        # Reflection needs more samples than the padding; borrow zeros on the right, then cut them off.
+        extra = max(left, right) - length + 1
+        padded = F.pad(F.pad(x, (0, extra)), (left, right), mode)
+        return padded[..., : padded.shape[-1] - extra]
+    return F.pad(x, (left, right), mode)
+
+
+class _Kernel(nn.Module):
+    """A conv kernel and bias, weight-normalised or plain, under EnCodec's parameter names.
+
+    Initialised like the PyTorch module it stands for (`template`), so fresh models match upstream's
+    distribution; with weight norm, ``weight_g`` starts at the norm of ``weight_v`` (as torch does).
+    """
+
+    def __init__(self, template: nn.Conv1d | nn.ConvTranspose1d, norm: str):
+        super().__init__()
+        self.stride = template.stride[0]
+        self.kernel_size = template.kernel_size[0]
+        self.weight_norm = norm == "weight_norm"
+        weight = template.weight.detach()
+        if self.weight_norm:
+            self.weight_v = nn.Parameter(weight.clone())
+            self.weight_g = nn.Parameter(torch.linalg.vector_norm(weight, dim=(1, 2), keepdim=True))
+        else:
+            self.weight = nn.Parameter(weight.clone())
+        self.bias = nn.Parameter(template.bias.detach().clone())
+
+    def kernel(self) -> torch.Tensor:
+        if self.weight_norm:
+            # torch's fused weight-norm kernel (what torch.nn.utils.weight_norm calls, dim 0):
+            # weight = g * v / |v|, with |v| over all but the first axis.
+            return torch._weight_norm(self.weight_v, self.weight_g, 0)
+        return self.weight
+
+
+class StreamableConv1d(_Kernel):
+    """Conv1d with EnCodec's padding rules: [B, C_in, T] -> [B, C_out, ceil(T / stride)].
+
+    The kernel's reach minus the stride is padded (all on the left when causal, split with the extra
+    sample on the left otherwise), plus right padding so the last window is full: that is what lets the
+    decoder rebuild at least T samples.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 dilation: int = 1, *, causal: bool, pad_mode: str, norm: str):
+        if stride > 1 and dilation > 1:  # EnCodec only warns; its padding arithmetic assumes one of them is 1
+            raise ValueError(f"dilation: got {dilation} with stride {stride}, allowed 1 when stride > 1")
+        super().__init__(nn.Conv1d(in_channels, out_channels, kernel_size, stride, dilation=dilation), norm)
+        self.dilation = dilation
+        self.causal = causal
+        self.pad_mode = pad_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = (self.kernel_size - 1) * self.dilation - (self.stride - 1)
+        extra = -x.shape[-1] % self.stride  # up to a whole number of strides
+        if self.causal:
+            left, right = padding, extra
+        else:
+            left, right = padding - padding // 2, padding // 2 + extra
+        x = _pad1d(x, left, right, self.pad_mode)
+        return F.conv1d(x, self.kernel(), self.bias, self.stride, dilation=self.dilation)
+
+
+class StreamableConvTranspose1d(_Kernel):
+    """ConvTranspose1d that trims EnCodec's fixed padding: [B, C_in, F] -> [B, C_out, F * stride].
+
+    Causal: all of it from the right (EnCodec's trim_right_ratio=1). The encoder's extra padding is not
+    undone here; `Codec` trims the output to the input length at the end.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, *,
+                 causal: bool, norm: str):
+        super().__init__(nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride), norm)
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv_transpose1d(x, self.kernel(), self.bias, self.stride)  # [B, C_out, (F - 1) s + k]
+        padding = self.kernel_size - self.stride
+        left = 0 if self.causal else padding - padding // 2
+        return y[..., left : y.shape[-1] - (padding - left)]
+
+
+# ------------------------------------------------------------------------------------------- blocks
+
+
+class ResidualBlock(nn.Module):
+    """SEANet residual block: x + ELU-conv(k, dilated)-ELU-conv(1) bottleneck. [B, C, T] -> [B, C, T]."""
+
+    def __init__(self, config: CodecConfig, channels: int, dilation: int):
+        super().__init__()
+        conv = partial(StreamableConv1d, causal=config.causal, pad_mode=config.pad_mode, norm=config.norm)
+        hidden = channels // config.compress
+        # Module names (`block.1`, `block.3`, `shortcut`) are EnCodec's, for its state dicts.
+        self.block = nn.Sequential(
+            nn.ELU(),
+            conv(channels, hidden, config.residual_kernel_size, dilation=dilation),
+            nn.ELU(),
+            conv(hidden, channels, 1),
+        )
+        self.shortcut = nn.Identity() if config.true_skip else conv(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + self.block(x)
+
+
+class SkipLSTM(nn.Module):
+    """Multi-layer LSTM over time with a skip connection (EnCodec's SLSTM). [B, C, T] -> [B, C, T]."""
+
+    def __init__(self, channels: int, num_layers: int):
+        super().__init__()
+        self.lstm = nn.LSTM(channels, channels, num_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.permute(2, 0, 1)  # [T, B, C]: nn.LSTM's default time-major layout
+        y, _ = self.lstm(seq)
+        return (y + seq).permute(1, 2, 0)
+
+
+def _residual_stage(config: CodecConfig, channels: int) -> list[nn.Module]:
+    return [ResidualBlock(config, channels, config.dilation_base**j) for j in range(config.n_residual_layers)]
+
+
+class SEANetEncoder(nn.Module):
+    """Waveform to latent: [B, C, T] -> [B, D, ceil(T / hop_length)].
+
+    One `nn.Sequential` named `model`, in EnCodec's layer order, because its state-dict keys are
+    indexed by that order (`encoder.model.13.lstm...`).
+    """
+
+    def __init__(self, config: CodecConfig):
+        super().__init__()
+        conv = partial(StreamableConv1d, causal=config.causal, pad_mode=config.pad_mode, norm=config.norm)
+        width = config.n_filters
+        layers: list[nn.Module] = [conv(config.channels, width, config.kernel_size)]
+        for ratio in reversed(config.ratios):  # finest stride first
+            layers += _residual_stage(config, width)
+            layers += [nn.ELU(), conv(width, 2 * width, 2 * ratio, stride=ratio)]
+            width *= 2
+        if config.lstm_layers:
+            layers.append(SkipLSTM(width, config.lstm_layers))
+        layers += [nn.ELU(), conv(width, config.dimension, config.last_kernel_size)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.model(wav)
+
+
+class SEANetDecoder(nn.Module):
+    """Latent to waveform: [B, D, F] -> [B, C, F * hop_length]. Mirrors `SEANetEncoder` (no final
+    activation, as EnCodec's models)."""
+
+    def __init__(self, config: CodecConfig):
+        super().__init__()
+        conv = partial(StreamableConv1d, causal=config.causal, pad_mode=config.pad_mode, norm=config.norm)
+        width = config.n_filters * 2 ** len(config.ratios)
+        layers: list[nn.Module] = [conv(config.dimension, width, config.kernel_size)]
+        if config.lstm_layers:
+            layers.append(SkipLSTM(width, config.lstm_layers))
+        for ratio in config.ratios:  # coarsest stride first
+            layers += [
+                nn.ELU(),
+                StreamableConvTranspose1d(width, width // 2, 2 * ratio, ratio, causal=config.causal,
+                                          norm=config.norm),
+            ]
+            width //= 2
+            layers += _residual_stage(config, width)
+        layers += [nn.ELU(), conv(width, config.channels, config.last_kernel_size)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.model(latent)
+
+
+# -------------------------------------------------------------------------------------------- codec
+
+
+@dataclass
+class CodecOutput:
+    """What one `Codec.forward` produced; `penalty` goes into the loss, `metrics` into the logs."""
+
+    audio: torch.Tensor  # [B, C, T], trimmed to the input length
+    codes: torch.Tensor  # [n_q, B, F] int64
+    bandwidth: torch.Tensor  # kbps actually used (scalar; random per batch under quantizer dropout)
+    penalty: torch.Tensor | None  # mean commitment loss over levels (zero in eval mode)
+    metrics: dict[str, torch.Tensor]  # the quantizer's per-level metrics (training mode only)
+
+
+def encodec_state_dict_to_codec(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an ``encodec`` EncodecModel state dict to `Codec`'s keys.
+
+    EnCodec nests each kernel two modules deep (``SConv1d.conv`` -> ``NormConv1d.conv`` -> Conv1d, and
+    ``convtr.convtr`` for transposed convs); ours holds it directly, e.g.
+    ``encoder.model.0.conv.conv.weight_g`` -> ``encoder.model.0.weight_g``. Every other key (LSTMs,
+    ``quantizer.vq.layers.{i}._codebook.*``) is already the same.
+    """
+    return {key.replace(".conv.conv.", ".").replace(".convtr.convtr.", "."): value
+            for key, value in state_dict.items()}
+
+
+def full_precision(device_type: str) -> torch.autocast:
+    """Autocast off: the quantizer works in float32 under mixed precision. Its codebooks are float32
+    buffers, and bf16 distances would misrank near codes among K=1024."""
+    return torch.autocast(device_type, enabled=False)
+
+
+class Codec(nn.Module):
+    """SEANet encoder -> our residual VQ -> SEANet decoder.
+
+    `generator` seeds the quantizer's random draws (k-means seeding, dead-code replacement, dropout);
+    None uses the global RNG exactly as EnCodec does.
+    """
+
+    def __init__(self, config: CodecConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        self.encoder = SEANetEncoder(config)
+        self.quantizer = ResidualVectorQuantizer(
+            dimension=config.dimension, n_q=config.n_q, bins=config.bins, decay=config.decay,
+            kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters, expiry=config.expiry,
+            quantizer_dropout=config.quantizer_dropout, detach_residual=config.detach_residual,
+            generator=generator, init_fix=config.init_fix,
+        )
+        self.decoder = SEANetDecoder(config)
+
+    @classmethod
+    def from_encodec(cls, state_dict: Mapping[str, torch.Tensor], config: CodecConfig | None = None) -> Codec:
+        """A codec holding an ``encodec`` model's weights and codebooks (default: the official 24 kHz
+        configuration). Loaded strictly, so a config that does not match the checkpoint raises."""
+        codec = cls(config if config is not None else CodecConfig.encodec_24khz())
+        codec.load_state_dict(encodec_state_dict_to_codec(state_dict), strict=True)
+        return codec
+
+    def _check(self, wav: torch.Tensor, bandwidth: float | None) -> None:
+        if wav.dim() != 3 or wav.shape[1] != self.config.channels:
+            raise ValueError(f"wav: got shape {tuple(wav.shape)}, allowed [B, {self.config.channels}, T]")
+        # EnCodec's set_target_bandwidth rule: only the bandwidths the model was trained for.
+        if bandwidth is not None and bandwidth not in self.config.target_bandwidths:
+            raise ValueError(f"bandwidth: got {bandwidth!r}, allowed None or one of "
+                             f"{self.config.target_bandwidths}")
+
+    def forward(self, wav: torch.Tensor, bandwidth: float | None = None) -> CodecOutput:
+        """Encode, quantize (training: straight-through, EMA update, expiry) and decode.
+        wav [B, C, T]; bandwidth None = all n_q levels."""
+        self._check(wav, bandwidth)
+        latent = self.encoder(wav).float()  # [B, D, F]
+        with full_precision(wav.device.type):
+            q = self.quantizer(latent, self.config.frame_rate, bandwidth)
+        audio = self.decoder(q.quantized)[..., : wav.shape[-1]]  # [B, C, F * hop] -> [B, C, T]
+        return CodecOutput(audio, q.codes, q.bandwidth, q.penalty, q.metrics)
+
+    def encode(self, wav: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:
+        """wav [B, C, T] -> codes [n_q(bandwidth), B, ceil(T / hop_length)]."""
+        self._check(wav, bandwidth)
+        latent = self.encoder(wav).float()  # [B, D, F]
+        with full_precision(wav.device.type):
+            return self.quantizer.encode(latent, self.config.frame_rate, bandwidth)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [n_q, B, F] -> wav [B, C, F * hop_length] (trim to the original length yourself)."""
+        return self.decoder(self.quantizer.decode(codes))

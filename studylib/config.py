@@ -1,0 +1,123 @@
+"""Flat config dataclasses from YAML overlays: merged in order, type-checked and validated once.
+
+`params/*.yaml` are overlays only: every key must be a field of the dataclass (an unknown key is an
+error naming the allowed keys), and values are checked against the field's annotated type. Write
+floats as `3.0e-4` in YAML (PyYAML reads `3e-4` as a string; we say so when that happens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message is one line naming the key and what is allowed."""
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """`value` converted to the annotated type (int -> float, list -> tuple), or ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: got {value!r}, expected {annotation}")
+    if origin is tuple:
+        (item, *_rest) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}, expected a list")
+        return tuple(_check_type(key, v, item) for v in value)
+    if annotation is float:
+        if isinstance(value, str):
+            hint = " (write floats as 3.0e-4: PyYAML reads 3e-4 as a string)" if "e" in value.lower() else ""
+            raise ConfigError(f"{key}: got the string {value!r}, expected a number{hint}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: got {value!r}, expected a number")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: got {value!r}, expected an integer")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: got {value!r}, expected true or false")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: got {value!r}, expected a string")
+        return value
+    raise TypeError(f"config field {key} has an unsupported annotation {annotation}")
+
+
+def read_overlay(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML (so `lr=3.0e-4`, `sync=false`, `bandwidths=[1.5, 6.0]`)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def build(cls: type[T], overlays: list[dict[str, Any]]) -> T:
+    """An instance of the flat dataclass `cls` from overlays applied in order over its defaults."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    merged: dict[str, Any] = {}
+    for overlay in overlays:
+        for key, value in overlay.items():
+            if key not in hints:
+                raise ConfigError(f"{key}: unknown key; allowed keys: {', '.join(names)}")
+            merged[key] = _check_type(key, value, hints[key])
+    try:
+        return cls(**merged)
+    except ConfigError:
+        raise
+    except ValueError as e:  # __post_init__ validation: already names the field
+        raise ConfigError(str(e)) from None
+
+
+def load(cls: type[T], paths: list[str | Path] = (), sets: list[str] = ()) -> T:
+    """`cls` from YAML files (in order) then `key=value` assignments."""
+    overlays = [read_overlay(p) for p in paths]
+    overlays.append(dict(parse_set(s) for s in sets))
+    return build(cls, overlays)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def config_hash(config: Any, exclude: tuple[str, ...] = ()) -> str:
+    """Short stable hash of the resolved config (run folders and manifests name it)."""
+    items = {k: v for k, v in to_dict(config).items() if k not in exclude}
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=list).encode()).hexdigest()[:10]
+
+
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}: got {value!r}, allowed {allowed}")

@@ -1,0 +1,416 @@
+"""Codec training: one config, one loop, tidy metrics, checkpoints that resume bit-exactly.
+
+    studylib train PARAMS.yaml [MORE.yaml ...] [--set key=value ...]
+    torchrun --nproc_per_node 2 -m studylib.train PARAMS.yaml ...      # DDP (gloo on CPU, nccl on GPU)
+
+A run folder holds `manifest.json` (resolved config, hash, seed, git commit, versions, device, status,
+times), `metrics.parquet` (one row per logged step, same column names everywhere) and
+`checkpoint.pt`. Every random draw is keyed by (seed, step, rank) or lives in a generator saved in the
+checkpoint, so a killed run resumed from its last checkpoint ends identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from studylib import config as cfglib
+from studylib import distributed
+from studylib.codec import Codec, CodecConfig
+from studylib.data import AudioDataset
+from studylib.losses import MultiScaleMelLoss
+from studylib.quantization import MODES, THRESHOLD_KINDS, ExpiryConfig, NonFiniteError
+
+PRESETS = ("tiny", "small", "encodec_24khz")
+DEVICES = ("auto", "cpu", "cuda")
+DDP_BUFFERS = ("average", "none")
+STATUSES = ("running", "complete", "failed")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run. `params/*.yaml` overlay these defaults."""
+
+    # data: 8 x 1 s per rank at 75 Hz = 600 frames per step, EnCodec's per-GPU regime
+    manifest: str = "data/ci/manifest.csv"
+    segment_seconds: float = 1.0
+    batch_size: int = 8
+    # codec: a preset, optionally narrowed
+    model: str = "small"
+    n_filters: int | None = None
+    lstm_layers: int | None = None
+    n_q: int | None = None
+    bins: int = 1024
+    kmeans_iters: int = 50
+    decay: float = 0.99
+    # quantizer: the ablation axes (see studylib.quantization.ExpiryConfig)
+    expiry_mode: str = "upstream"
+    expiry_threshold: float = 2.0
+    expiry_threshold_kind: str = "absolute"
+    expiry_every: int = 1
+    expiry_replaced_usage: float | None = None
+    expiry_sync: bool = True
+    init_fix: bool | None = None
+    detach_residual: bool = False
+    # EnCodec samples one target bandwidth per batch (kbps); must be among the model's bandwidths
+    bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)
+    # optimisation (EnCodec: Adam 3e-4, betas 0.5 / 0.9; loss weights without the adversarial terms)
+    steps: int = 2000
+    lr: float = 3.0e-4
+    beta1: float = 0.5
+    beta2: float = 0.9
+    weight_l1: float = 0.1
+    weight_mel: float = 1.0
+    weight_commit: float = 1.0
+    grad_clip: float = 0.0
+    # bookkeeping
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    valid_every: int = 250
+    valid_items: int = 32
+    valid_bandwidth: float = 6.0
+    checkpoint_every: int = 250
+    device: str = "auto"
+    bf16: bool = False
+    ddp_buffers: str = "average"  # codebook buffers after each step under DDP: averaged (AudioCraft) or left
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        cfglib.check_choice("model", self.model, PRESETS)
+        cfglib.check_choice("expiry_mode", self.expiry_mode, MODES)
+        cfglib.check_choice("expiry_threshold_kind", self.expiry_threshold_kind, THRESHOLD_KINDS)
+        cfglib.check_choice("device", self.device, DEVICES)
+        cfglib.check_choice("ddp_buffers", self.ddp_buffers, DDP_BUFFERS)
+        positive = ("segment_seconds", "batch_size", "steps", "lr", "log_every", "valid_every", "valid_items",
+                    "checkpoint_every", "bins")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a value > 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number in [0, 1)")
+        for name in ("weight_l1", "weight_mel", "weight_commit", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number >= 0")
+        if not self.bandwidths:
+            raise ValueError("bandwidths: got an empty list, allowed a non-empty list of kbps")
+        self.expiry()  # validates the expiry_* fields, naming them
+        codec = self.codec_config()  # validates the model fields
+        for bw in (*self.bandwidths, self.valid_bandwidth):
+            if bw not in codec.target_bandwidths:
+                raise ValueError(f"bandwidths: {bw} is not one of the model's {codec.target_bandwidths}")
+
+    def expiry(self) -> ExpiryConfig:
+        try:
+            return ExpiryConfig(mode=self.expiry_mode, threshold=self.expiry_threshold,
+                                threshold_kind=self.expiry_threshold_kind, every=self.expiry_every,
+                                replaced_usage=self.expiry_replaced_usage, sync=self.expiry_sync)
+        except ValueError as e:
+            raise ValueError(f"expiry_{e}") from None
+
+    def codec_config(self) -> CodecConfig:
+        base = getattr(CodecConfig, self.model)()
+        overrides = {k: v for k, v in (("n_filters", self.n_filters), ("lstm_layers", self.lstm_layers),
+                                       ("n_q", self.n_q)) if v is not None}
+        return CodecConfig(**{**cfglib.to_dict(base), **overrides, "bins": self.bins, "decay": self.decay,
+                              "kmeans_iters": self.kmeans_iters, "expiry": self.expiry(), "init_fix": self.init_fix,
+                              "detach_residual": self.detach_residual})
+
+
+class TrainingDiverged(RuntimeError):
+    """NaN or Inf in the loss or a codebook."""
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _step_generator(*key: int) -> torch.Generator:
+    """A generator that depends on (seed, step, rank, ...) only, so resumed runs draw the same."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for pkg in ("studylib", "torch", "torchaudio", "numpy", "pandas", "encodec"):
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_metrics(rows: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".parquet.tmp")
+    pd.DataFrame(rows).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    import json
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_manifest(run_dir: str | Path) -> dict | None:
+    import json
+
+    path = Path(run_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class Run:
+    """What `train` returns: where the run lives and how it ended."""
+
+    run_dir: Path
+    status: str
+    steps: int
+    metrics: pd.DataFrame
+
+
+def train(cfg: TrainConfig) -> Run:
+    """Train (or resume) the run in `cfg.run_dir`; returns when it is complete."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = distributed.rank(), distributed.world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals made a CPU codec step vary 0.6-14 s here
+    else:
+        torch.cuda.set_device(device)
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path, ckpt_path, metrics_path = (run_dir / n for n in ("manifest.json", "checkpoint.pt",
+                                                                     "metrics.parquet"))
+    chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress"))
+    previous = read_manifest(run_dir)
+    if previous and previous.get("config_hash") != chash and ckpt_path.exists():
+        raise ValueError(f"run_dir: {run_dir} holds a run of another config ({previous.get('config_hash')} vs "
+                         f"{chash}); choose another run_dir")
+
+    torch.manual_seed(cfg.seed)  # weights: identical on every rank
+    codec_cfg = cfg.codec_config()
+    model = Codec(codec_cfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    mel_loss = MultiScaleMelLoss(codec_cfg.sample_rate).to(device)
+    train_set = AudioDataset(cfg.manifest, "train", cfg.segment_seconds, codec_cfg.sample_rate, seed=cfg.seed)
+    valid_set = AudioDataset(cfg.manifest, "valid", cfg.segment_seconds, codec_cfg.sample_rate)
+
+    start, rows, started = 0, [], datetime.now(UTC).isoformat()
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        model.quantizer.load_resume_state(ckpt["rvq"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, rows = ckpt["step"], ckpt["rows"]
+        started = (previous or {}).get("started", started)
+
+    manifest = {
+        "status": "running", "config": cfglib.to_dict(cfg), "config_hash": chash, "seed": cfg.seed,
+        "git_commit": _git_commit(), "versions": _versions(), "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if use_cuda else f"cpu ({platform.processor() or 'x86_64'})",
+        "world_size": world, "threads": torch.get_num_threads(), "started": started, "resumed_at_step": start,
+        "frame_rate": codec_cfg.frame_rate, "frames_per_step": cfg.batch_size * world * math.ceil(
+            cfg.segment_seconds * codec_cfg.frame_rate),
+    }
+    if rank == 0:
+        _write_manifest(manifest_path, manifest)
+
+    def checkpoint(step: int) -> None:
+        if rank == 0:
+            _write_metrics(rows, metrics_path)
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                          "rvq": model.quantizer.resume_state(), "rows": rows, "config": cfglib.to_dict(cfg)},
+                         ckpt_path)
+
+    t_start = time.perf_counter()
+    try:
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=run_dir.name,
+                   disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+        for step in bar:
+            wav = _train_batch(train_set, cfg, step, rank).to(device)
+            bandwidth = cfg.bandwidths[int(torch.randint(len(cfg.bandwidths), (1,),
+                                                         generator=_step_generator(cfg.seed, step)))]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and use_cuda):
+                out = model(wav, bandwidth)
+                l1 = (out.audio - wav).abs().mean()
+                mel = mel_loss(out.audio, wav)
+            loss = cfg.weight_l1 * l1 + cfg.weight_mel * mel + cfg.weight_commit * out.penalty
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _sync_gradients(model, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            if world > 1 and cfg.ddp_buffers == "average":
+                _average_codebooks(model, world)
+
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                terms = {"loss": loss, "l1": l1, "mel": mel, "commit": out.penalty, "bandwidth": out.bandwidth,
+                         "grad_norm": grad_norm}
+                row = {"step": done, "split": "train", **_scalars(terms),
+                       "seconds": time.perf_counter() - t_start, **_scalars(out.metrics),
+                       **_codebook_totals(model)}
+                _check_finite(row, model, done)
+                rows.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", used_l0=row.get("used_l0"))
+            if done % cfg.valid_every == 0 or done == cfg.steps:
+                rows.append({"step": done, "split": "valid", **validate(model, mel_loss, valid_set, cfg, device)})
+                model.train()
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                checkpoint(done)
+    except (TrainingDiverged, NonFiniteError) as e:
+        manifest.update(status="failed", error=str(e), finished=datetime.now(UTC).isoformat())
+        if rank == 0:
+            _write_manifest(manifest_path, manifest)
+            _write_metrics(rows, metrics_path)
+        print(f"studylib train: {e}", file=sys.stderr)
+        return Run(run_dir, "failed", rows[-1]["step"] if rows else start, pd.DataFrame(rows))
+    except BaseException as e:  # interrupted or crashed: the last checkpoint stays resumable
+        manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=datetime.now(UTC).isoformat(),
+                        traceback=traceback.format_exc(limit=5))
+        if rank == 0:
+            _write_manifest(manifest_path, manifest)
+        raise
+    if world > 1:  # each rank's codebooks, to show whether ranks agree
+        torch.save({k: v.cpu() for k, v in model.quantizer.named_buffers()}, run_dir / f"rank{rank}_codebooks.pt")
+    manifest.update(status="complete", finished=datetime.now(UTC).isoformat(),
+                    train_seconds=time.perf_counter() - t_start)
+    if rank == 0:
+        _write_manifest(manifest_path, manifest)
+    return Run(run_dir, "complete", cfg.steps, pd.DataFrame(rows))
+
+
+def _train_batch(dataset: AudioDataset, cfg: TrainConfig, step: int, rank: int) -> torch.Tensor:
+    """[B, 1, T] crops; which items and where they are cropped depend only on (seed, step, rank)."""
+    g = _step_generator(cfg.seed, step, rank)
+    n = len(dataset)
+    idx = torch.randperm(n, generator=g)[: cfg.batch_size] if n >= cfg.batch_size else \
+        torch.randint(n, (cfg.batch_size,), generator=g)
+    dataset.set_epoch(step * 1000 + rank)
+    return torch.stack([dataset[int(i)] for i in idx])
+
+
+def _sync_gradients(model: torch.nn.Module, world: int) -> None:
+    """Average gradients across ranks in one collective (what DDP does, spelled out)."""
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    distributed.all_reduce_sum_(flat).div_(world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@torch.no_grad()
+def _average_codebooks(model: Codec, world: int) -> None:
+    """AudioCraft's buffer sync after every step; a no-op (bit for bit) where ranks already agree."""
+    for cb in model.quantizer.codebooks:
+        for buf in (cb.cluster_size, cb.embed, cb.embed_avg):
+            distributed.all_reduce_sum_(buf).div_(world)
+
+
+def _codebook_totals(model: Codec) -> dict[str, float]:
+    """Per level, for every level (also those this batch's bandwidth skipped): dead codes now and codes
+    replaced since the start."""
+    out = {}
+    for level, cb in enumerate(model.quantizer.codebooks):
+        out[f"dead_now_l{level}"] = float(cb.dead_mask().sum())
+        out[f"replaced_total_l{level}"] = float(cb.replaced_total)
+    return out
+
+
+def _check_finite(row: dict, model: Codec, step: int) -> None:
+    if not math.isfinite(row["loss"]):
+        raise TrainingDiverged(f"loss is {row['loss']} at step {step}")
+    for level, cb in enumerate(model.quantizer.codebooks):
+        if not torch.isfinite(cb.embed).all():
+            raise TrainingDiverged(f"codebook of level {level} holds NaN/Inf at step {step}")
+
+
+@torch.no_grad()
+def validate(model: Codec, mel_loss: MultiScaleMelLoss, dataset: AudioDataset, cfg: TrainConfig,
+             device: torch.device) -> dict[str, float]:
+    """Loss terms on the first `valid_items` fixed validation windows at `valid_bandwidth`."""
+    model.eval()
+    n = min(cfg.valid_items, len(dataset))
+    totals = {"l1": 0.0, "mel": 0.0}
+    for first in range(0, n, cfg.batch_size):
+        wav = torch.stack([dataset[i] for i in range(first, min(first + cfg.batch_size, n))]).to(device)
+        out = model(wav, cfg.valid_bandwidth)
+        totals["l1"] += float((out.audio - wav).abs().mean()) * wav.shape[0]
+        totals["mel"] += float(mel_loss(out.audio, wav)) * wav.shape[0]
+    l1, mel = totals["l1"] / n, totals["mel"] / n
+    return {"loss": cfg.weight_l1 * l1 + cfg.weight_mel * mel, "l1": l1, "mel": mel,
+            "bandwidth": cfg.valid_bandwidth}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="studylib train", description="Train a codec run from YAML params.")
+    parser.add_argument("params", nargs="+", help="YAML overlays, applied in order over the defaults")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key (value read as YAML); repeatable")
+    args = parser.parse_args(argv)
+    try:
+        cfg = cfglib.load(TrainConfig, args.params, args.sets)
+    except cfglib.ConfigError as e:
+        print(f"studylib train: {e}", file=sys.stderr)
+        return 2
+    run = train(cfg)
+    if distributed.is_distributed():
+        dist.destroy_process_group()
+    return 0 if run.status == "complete" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -1,0 +1,37 @@
+"""Shared fixtures: a small synthetic corpus built through the real corpus builder (audio-dir mode)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from studylib.corpus import build_corpus
+
+ROOT = Path(__file__).parents[1]
+SMOKE = ROOT / "params" / "scales" / "smoke.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _cpu_numerics():
+    torch.set_flush_denormal(True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_manifest(tmp_path_factory) -> Path:
+    """6 "speakers" x 2 files of 3 s: harmonic tones with vibrato and a little noise, 24 kHz."""
+    src = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(0)
+    sr = 24_000
+    t = np.arange(3 * sr) / sr
+    for speaker in range(6):
+        (src / f"spk{speaker}").mkdir()
+        for take in range(2):
+            f0 = 110 * (1 + speaker) * (1 + 0.02 * np.sin(2 * np.pi * (3 + take) * t))
+            phase = 2 * np.pi * np.cumsum(f0) / sr
+            wav = sum(np.sin(k * phase) / k for k in range(1, 6)) * 0.2 + 0.01 * rng.standard_normal(t.size)
+            sf.write(src / f"spk{speaker}" / f"take{take}.wav", wav.astype(np.float32), sr)
+    return build_corpus("synthetic", tmp_path_factory.mktemp("data"), audio_dir=src, jobs=1)

@@ -1,0 +1,150 @@
+"""The training loop: config errors before anything is written, determinism, bit-exact resume, NaN stop, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, SMOKE
+
+from studylib import config as cfglib
+from studylib import train as trainlib
+from studylib.train import TrainConfig
+
+
+def smoke_config(manifest: Path, run_dir: Path, **overrides) -> TrainConfig:
+    sets = {"manifest": str(manifest), "run_dir": str(run_dir), "progress": False} | overrides
+    return cfglib.build(TrainConfig, [cfglib.read_overlay(SMOKE), sets])
+
+
+def comparable(run_dir: Path):
+    """Metrics without wall-clock columns, and the final weights and codebooks."""
+    import pandas as pd
+
+    metrics = pd.read_parquet(run_dir / "metrics.parquet").drop(columns=["seconds"], errors="ignore")
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    return metrics, state["model"]
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["learning_rate=0.1"], "learning_rate: unknown key; allowed keys: manifest,"),
+        (["lr=3e-4"], "lr: got the string '3e-4', expected a number (write floats as 3.0e-4"),
+        (["steps=ten"], "steps: got 'ten', expected an integer"),
+        (["expiry_mode=broken"], "expiry_mode: got 'broken', allowed ('none', 'upstream', 'fixed')"),
+        (["expiry_mode=fixed", "expiry_every=0"], "expiry_every: got 0, allowed an integer >= 1"),
+        (["bandwidths=[6.0]"], "bandwidths: 6.0 is not one of the model's (1.5, 3.0)"),
+    ],
+)
+def test_bad_params_exit_2_with_one_line_before_writing(tmp_path, capsys, sets, message):
+    run_dir = tmp_path / "run"
+    code = trainlib.cli([str(SMOKE), "--set", f"run_dir={run_dir}", *sum((["--set", s] for s in sets), [])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("studylib train: " + message.split(",")[0]) and message in err
+    assert len(err.splitlines()) == 1
+    assert not run_dir.exists()
+
+
+def test_unknown_params_file_is_an_error(tmp_path, capsys):
+    assert trainlib.cli([str(tmp_path / "missing.yaml")]) == 2
+    assert "no such params file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- the runs
+
+
+@pytest.fixture(scope="module")
+def reference_run(synthetic_manifest, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    run = trainlib.train(smoke_config(synthetic_manifest, run_dir, expiry_mode="fixed", expiry_threshold=1.0))
+    assert run.status == "complete"
+    return run_dir
+
+
+def test_run_writes_manifest_metrics_and_checkpoint(reference_run):
+    manifest = json.loads((reference_run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["seed"] == 0
+    assert manifest["config"]["expiry_mode"] == "fixed" and len(manifest["config_hash"]) == 10
+    assert manifest["versions"]["torch"].startswith("2.11.0")
+    assert manifest["frames_per_step"] == 2 * 38  # 2 crops x 0.5 s at 75 Hz
+    metrics, _ = comparable(reference_run)
+    train_rows = metrics[metrics.split == "train"]
+    assert list(train_rows.step) == [5, 10, 15, 20]
+    for column in ("loss", "l1", "mel", "commit", "bandwidth", "used_l0", "perplexity_l0", "dead_l0", "replaced_l0",
+                   "dead_now_l3", "replaced_total_l3"):
+        assert column in metrics.columns, column
+    assert list(metrics[metrics.split == "valid"].step) == [10, 20]
+    assert train_rows.replaced_total_l0.iloc[-1] > 0
+
+
+def test_same_config_and_seed_give_identical_metrics(reference_run, synthetic_manifest, tmp_path):
+    run = trainlib.train(smoke_config(synthetic_manifest, tmp_path / "again", expiry_mode="fixed",
+                                      expiry_threshold=1.0))
+    a, b = comparable(reference_run), comparable(run.run_dir)
+    assert a[0].equals(b[0])
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_killed_run_resumes_to_the_same_result(reference_run, synthetic_manifest, tmp_path, monkeypatch):
+    cfg = smoke_config(synthetic_manifest, tmp_path / "killed", expiry_mode="fixed", expiry_threshold=1.0)
+    real_batch = trainlib._train_batch
+
+    def killed_at_step_13(dataset, cfg_, step, rank):
+        if step == 13:
+            raise KeyboardInterrupt("simulated kill")
+        return real_batch(dataset, cfg_, step, rank)
+
+    monkeypatch.setattr(trainlib, "_train_batch", killed_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        trainlib.train(cfg)
+    manifest = json.loads((cfg_dir := Path(cfg.run_dir)).joinpath("manifest.json").read_text())
+    assert manifest["status"] == "failed" and "simulated kill" in manifest["error"]
+    monkeypatch.setattr(trainlib, "_train_batch", real_batch)
+    run = trainlib.train(cfg)
+    assert run.status == "complete"
+    assert json.loads((cfg_dir / "manifest.json").read_text())["resumed_at_step"] == 10
+    a, b = comparable(reference_run), comparable(cfg_dir)
+    assert a[0].equals(b[0])
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_nan_stops_the_run_with_status_failed(synthetic_manifest, tmp_path, monkeypatch):
+    real_batch = trainlib._train_batch
+    monkeypatch.setattr(trainlib, "_train_batch", lambda *a: real_batch(*a) * float("nan"))
+    run = trainlib.train(smoke_config(synthetic_manifest, tmp_path / "nan"))
+    assert run.status == "failed"
+    manifest = json.loads((tmp_path / "nan" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "nan" in manifest["error"].lower()
+
+
+def test_resume_refuses_another_config_in_the_same_folder(reference_run, synthetic_manifest):
+    with pytest.raises(ValueError, match="^run_dir: .* holds a run of another config"):
+        trainlib.train(smoke_config(synthetic_manifest, reference_run, expiry_mode="none"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_keep_fixed_codebooks_identical(synthetic_manifest, tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "studylib.train", str(SMOKE), "--set", f"manifest={synthetic_manifest}", "--set",
+           f"run_dir={run_dir}", "--set", "progress=false", "--set", "expiry_mode=fixed", "--set",
+           "expiry_threshold=1.0", "--set", "ddp_buffers=none", "--set", "steps=12"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["world_size"] == 2
+    ranks = [torch.load(run_dir / f"rank{r}_codebooks.pt") for r in (0, 1)]
+    assert any(int(v.sum()) > 0 for k, v in ranks[0].items() if k.endswith("replaced_total"))
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key
