@@ -400,3 +400,26 @@ def test_kmeans_on_non_finite_data_says_so():
 
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         kmeans(torch.full((10, 4), float("nan")), 4, 2)
+
+
+@pytest.mark.parametrize("n, d, k", [(600, 128, 1024), (4800, 128, 1024), (100, 32, 256), (1000, 16, 64)])
+def test_cluster_sums_are_encodecs_onehot_matmul_bit_for_bit(n, d, k):
+    from studylib.quantization import encodec_cluster_sums
+
+    g = torch.Generator().manual_seed(n)
+    for codes_used in (k, 3):  # spread out, and a few long sums crossing every block boundary
+        x = torch.randn(n, d, generator=g) * 3
+        ind = torch.randint(0, codes_used, (n,), generator=g)
+        onehot = torch.nn.functional.one_hot(ind, k).float()
+        assert torch.equal(encodec_cluster_sums(x, ind, k), (x.t() @ onehot).t())
+
+
+def test_cluster_sums_fall_back_to_the_matmul_when_no_block_order_matches(monkeypatch):
+    from studylib import quantization as q
+
+    monkeypatch.setattr(q, "_BLOCK_CANDIDATES", ())
+    monkeypatch.setattr(q, "_BLOCKS", {})
+    x, ind = torch.randn(600, 128), torch.randint(0, 7, (600,))
+    assert q._reduction_block(600, 128, 1024, x.dtype, x.device) is None  # sequential order is not MKL's
+    onehot = torch.nn.functional.one_hot(ind, 1024).float()
+    assert torch.equal(q.encodec_cluster_sums(x, ind, 1024), (x.t() @ onehot).t())
