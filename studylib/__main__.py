@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "corpus": ("studylib.corpus", "cli"),
     "train": ("studylib.train", "cli"),
+    "latents": ("studylib.latents", "cli"),
 }
 
 

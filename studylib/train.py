@@ -45,7 +45,32 @@ STATUSES = ("running", "complete", "failed")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class QuantizerFields:
+    """The ablation axes shared by codec runs and quantizer-only runs (see quantization.ExpiryConfig)."""
+
+    expiry_mode: str = "upstream"
+    expiry_threshold: float = 2.0
+    expiry_threshold_kind: str = "absolute"
+    expiry_every: int = 1
+    expiry_replaced_usage: float | None = None
+    expiry_sync: bool = True
+    init_fix: bool | None = None
+    bins: int = 1024
+    kmeans_iters: int = 50
+    decay: float = 0.99
+
+    def expiry(self) -> ExpiryConfig:
+        """The expiry config; its errors name our `expiry_*` field."""
+        try:
+            return ExpiryConfig(mode=self.expiry_mode, threshold=self.expiry_threshold,
+                                threshold_kind=self.expiry_threshold_kind, every=self.expiry_every,
+                                replaced_usage=self.expiry_replaced_usage, sync=self.expiry_sync)
+        except ValueError as e:
+            raise ValueError(f"expiry_{e}") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig(QuantizerFields):
     """Every knob of a training run. `params/*.yaml` overlay these defaults."""
 
     # data: 8 x 1 s per rank at 75 Hz = 600 frames per step, EnCodec's per-GPU regime
@@ -57,17 +82,6 @@ class TrainConfig:
     n_filters: int | None = None
     lstm_layers: int | None = None
     n_q: int | None = None
-    bins: int = 1024
-    kmeans_iters: int = 50
-    decay: float = 0.99
-    # quantizer: the ablation axes (see studylib.quantization.ExpiryConfig)
-    expiry_mode: str = "upstream"
-    expiry_threshold: float = 2.0
-    expiry_threshold_kind: str = "absolute"
-    expiry_every: int = 1
-    expiry_replaced_usage: float | None = None
-    expiry_sync: bool = True
-    init_fix: bool | None = None
     detach_residual: bool = False
     # EnCodec samples one target bandwidth per batch (kbps); must be among the model's bandwidths
     bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)
@@ -117,14 +131,6 @@ class TrainConfig:
         for bw in (*self.bandwidths, self.valid_bandwidth):
             if bw not in codec.target_bandwidths:
                 raise ValueError(f"bandwidths: {bw} is not one of the model's {codec.target_bandwidths}")
-
-    def expiry(self) -> ExpiryConfig:
-        try:
-            return ExpiryConfig(mode=self.expiry_mode, threshold=self.expiry_threshold,
-                                threshold_kind=self.expiry_threshold_kind, every=self.expiry_every,
-                                replaced_usage=self.expiry_replaced_usage, sync=self.expiry_sync)
-        except ValueError as e:
-            raise ValueError(f"expiry_{e}") from None
 
     def codec_config(self) -> CodecConfig:
         base = getattr(CodecConfig, self.model)()
@@ -390,6 +396,22 @@ def validate(model: Codec, mel_loss: MultiScaleMelLoss, dataset: AudioDataset, c
     l1, mel = totals["l1"] / n, totals["mel"] / n
     return {"loss": cfg.weight_l1 * l1 + cfg.weight_mel * mel, "l1": l1, "mel": mel,
             "bandwidth": cfg.valid_bandwidth}
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Codec, TrainConfig, dict]:
+    """The codec (eval mode), config and raw checkpoint of a run's `checkpoint.pt` (or its run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path}: not a studylib run checkpoint (expected keys 'model' and 'config')")
+    cfg = TrainConfig(**ckpt["config"])
+    codec = Codec(cfg.codec_config()).to(device)
+    codec.load_state_dict(ckpt["model"])
+    return codec.eval(), cfg, ckpt
 
 
 # ---------------------------------------------------------------------------------------------- CLI

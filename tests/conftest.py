@@ -35,3 +35,25 @@ def synthetic_manifest(tmp_path_factory) -> Path:
             wav = sum(np.sin(k * phase) / k for k in range(1, 6)) * 0.2 + 0.01 * rng.standard_normal(t.size)
             sf.write(src / f"spk{speaker}" / f"take{take}.wav", wav.astype(np.float32), sr)
     return build_corpus("synthetic", tmp_path_factory.mktemp("data"), audio_dir=src, jobs=1)
+
+
+def smoke_config(manifest: Path, run_dir: Path, **overrides):
+    """TrainConfig from params/scales/smoke.yaml with a manifest, run folder and overrides."""
+    from studylib import config as cfglib
+    from studylib.train import TrainConfig
+
+    sets = {"manifest": str(manifest), "run_dir": str(run_dir), "progress": False} | overrides
+    return cfglib.build(TrainConfig, [cfglib.read_overlay(SMOKE), sets])
+
+
+SMOKE_RUN = {"expiry_mode": "fixed", "expiry_threshold": 1.0}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(synthetic_manifest, tmp_path_factory) -> Path:
+    """A finished smoke-scale codec run (fixed expiry) on the synthetic corpus."""
+    from studylib.train import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    assert train(smoke_config(synthetic_manifest, run_dir, **SMOKE_RUN)).status == "complete"
+    return run_dir

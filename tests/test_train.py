@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE
+from conftest import ROOT, SMOKE, SMOKE_RUN, smoke_config
 
-from studylib import config as cfglib
 from studylib import train as trainlib
-from studylib.train import TrainConfig
-
-
-def smoke_config(manifest: Path, run_dir: Path, **overrides) -> TrainConfig:
-    sets = {"manifest": str(manifest), "run_dir": str(run_dir), "progress": False} | overrides
-    return cfglib.build(TrainConfig, [cfglib.read_overlay(SMOKE), sets])
 
 
 def comparable(run_dir: Path):
@@ -37,7 +30,7 @@ def comparable(run_dir: Path):
 @pytest.mark.parametrize(
     "sets, message",
     [
-        (["learning_rate=0.1"], "learning_rate: unknown key; allowed keys: manifest,"),
+        (["learning_rate=0.1"], "learning_rate: unknown key; allowed keys: expiry_mode, "),
         (["lr=3e-4"], "lr: got the string '3e-4', expected a number (write floats as 3.0e-4"),
         (["steps=ten"], "steps: got 'ten', expected an integer"),
         (["expiry_mode=broken"], "expiry_mode: got 'broken', allowed ('none', 'upstream', 'fixed')"),
@@ -63,12 +56,9 @@ def test_unknown_params_file_is_an_error(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- the runs
 
 
-@pytest.fixture(scope="module")
-def reference_run(synthetic_manifest, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    run = trainlib.train(smoke_config(synthetic_manifest, run_dir, expiry_mode="fixed", expiry_threshold=1.0))
-    assert run.status == "complete"
-    return run_dir
+@pytest.fixture
+def reference_run(smoke_run) -> Path:
+    return smoke_run
 
 
 def test_run_writes_manifest_metrics_and_checkpoint(reference_run):
@@ -88,15 +78,14 @@ def test_run_writes_manifest_metrics_and_checkpoint(reference_run):
 
 
 def test_same_config_and_seed_give_identical_metrics(reference_run, synthetic_manifest, tmp_path):
-    run = trainlib.train(smoke_config(synthetic_manifest, tmp_path / "again", expiry_mode="fixed",
-                                      expiry_threshold=1.0))
+    run = trainlib.train(smoke_config(synthetic_manifest, tmp_path / "again", **SMOKE_RUN))
     a, b = comparable(reference_run), comparable(run.run_dir)
     assert a[0].equals(b[0])
     assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
 def test_killed_run_resumes_to_the_same_result(reference_run, synthetic_manifest, tmp_path, monkeypatch):
-    cfg = smoke_config(synthetic_manifest, tmp_path / "killed", expiry_mode="fixed", expiry_threshold=1.0)
+    cfg = smoke_config(synthetic_manifest, tmp_path / "killed", **SMOKE_RUN)
     real_batch = trainlib._train_batch
 
     def killed_at_step_13(dataset, cfg_, step, rank):

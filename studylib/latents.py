@@ -1,0 +1,162 @@
+"""The quantizer-only fast path: encoder latents of the corpus, and RVQ variants trained alone on them.
+
+    studylib latents CHECKPOINT [--manifest M] [--out FILE]
+
+A codec step on 2 cores takes about 0.4 s; an RVQ step on the same 600 frames about 20 ms. Training
+the quantizer alone on a trained encoder's real latent stream isolates the codebook dynamics the
+study is about (usage, dead codes, replacements) for thousands of steps in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import soundfile as sf
+import torch
+from tqdm.auto import tqdm
+
+from studylib import config as cfglib
+from studylib.corpus import SPLITS, load_manifest
+from studylib.quantization import ResidualVectorQuantizer
+from studylib.train import QuantizerFields, load_checkpoint
+
+
+@dataclass
+class Latents:
+    """Encoder outputs of every segment of a corpus, per split, as one frame stream each."""
+
+    frames: dict[str, torch.Tensor]  # split -> [N, D] float32
+    offsets: dict[str, torch.Tensor]  # split -> [S + 1] first frame of each segment, then N
+    frame_rate: float
+    source: str  # the checkpoint they came from
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(vars(self), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Latents:
+        return cls(**torch.load(path, weights_only=False))
+
+
+@torch.no_grad()
+def dump_latents(checkpoint: str | Path, manifest: str | Path | None = None, out: str | Path | None = None,
+                 splits: tuple[str, ...] = SPLITS, progress: bool = True) -> Path:
+    """Encode every segment of `manifest` (default: the run's own) with the run's encoder; write `out`
+    (default: latents.pt beside the checkpoint) and return its path."""
+    codec, cfg, _ = load_checkpoint(checkpoint)
+    manifest = Path(manifest or cfg.manifest)
+    rows = load_manifest(manifest)
+    frames, offsets = {}, {}
+    for split in splits:
+        paths = [manifest.parent / p for p in rows.loc[rows.split == split, "path"]]
+        if not paths:
+            raise ValueError(f"split {split!r} is empty in {manifest}")
+        chunks = []
+        for path in tqdm(paths, desc=f"latents {split}", disable=not progress):
+            audio, _ = sf.read(str(path), dtype="float32", always_2d=True)
+            wav = torch.from_numpy(audio.mean(axis=1))[None, None]  # [1, 1, T]
+            chunks.append(codec.encoder(wav)[0].t())  # [F, D]
+        frames[split] = torch.cat(chunks)
+        offsets[split] = torch.tensor([0, *torch.tensor([len(c) for c in chunks]).cumsum(0).tolist()])
+    ckpt_path = Path(checkpoint)
+    out = Path(out) if out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "latents.pt"
+    Latents(frames, offsets, codec.config.frame_rate, str(checkpoint)).save(out)
+    return out
+
+
+# ------------------------------------------------------------------------------- RVQ on latents
+
+
+@dataclass(frozen=True)
+class LatentRunConfig(QuantizerFields):
+    """One quantizer-only run. Each step sees `frames_per_step` frames as crops of `crop_frames`
+    consecutive frames (8 x 75 = 600: EnCodec's per-GPU batch of 8 x 1 s)."""
+
+    n_q: int = 8
+    frames_per_step: int = 600
+    crop_frames: int = 75
+    steps: int = 2000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 250
+    eval_frames: int = 20_000
+
+    def __post_init__(self) -> None:
+        self.expiry()
+        for name in ("n_q", "frames_per_step", "crop_frames", "steps", "log_every", "eval_every", "eval_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed an integer >= 1")
+        if self.frames_per_step % self.crop_frames:
+            raise ValueError(f"frames_per_step: got {self.frames_per_step}, allowed a multiple of crop_frames "
+                             f"({self.crop_frames})")
+
+
+def latent_snr(rvq: ResidualVectorQuantizer, latents: torch.Tensor, frame_rate: float) -> list[float]:
+    """Quantization SNR (dB) after levels 1..n_q: 10 log10(|x|^2 / |x - x_hat_l|^2) on `latents` [N, D]."""
+    x = latents.t()[None]  # [1, D, N]
+    codes = rvq.encode(x, frame_rate)
+    residual, energy, out = x, x.square().sum(), []
+    for layer, level_codes in zip(rvq.vq.layers, codes):
+        residual = residual - layer.decode(level_codes)
+        out.append(float(10 * torch.log10(energy / residual.square().sum().clamp_min(1e-20))))
+    return out
+
+
+def train_on_latents(cfg: LatentRunConfig, train: torch.Tensor, evaluate: torch.Tensor | None = None,
+                     frame_rate: float = 75.0, progress: bool = True) -> tuple[pd.DataFrame, ResidualVectorQuantizer]:
+    """Train an RVQ alone on the frame stream `train` [N, D]; returns tidy metrics (one row per logged
+    step; `split` = "train" rows carry the quantizer's per-level metrics, "eval" rows the latent SNR
+    per level on the first `eval_frames` frames of `evaluate`) and the trained quantizer."""
+    if train.shape[0] < cfg.crop_frames:
+        raise ValueError(f"train: {train.shape[0]} frames, fewer than one crop of {cfg.crop_frames}")
+    rvq = ResidualVectorQuantizer(dimension=train.shape[1], n_q=cfg.n_q, bins=cfg.bins, decay=cfg.decay,
+                                  kmeans_iters=cfg.kmeans_iters, expiry=cfg.expiry(), init_fix=cfg.init_fix,
+                                  generator=torch.Generator().manual_seed(cfg.seed))
+    draws = torch.Generator().manual_seed(cfg.seed + 1)
+    crops = cfg.frames_per_step // cfg.crop_frames
+    window = torch.arange(cfg.crop_frames)
+    held_out = evaluate[: cfg.eval_frames] if evaluate is not None else None
+    rows = []
+    for step in tqdm(range(1, cfg.steps + 1), desc="rvq", disable=not progress):
+        starts = torch.randint(0, train.shape[0] - cfg.crop_frames + 1, (crops, 1), generator=draws)
+        x = train[starts + window].transpose(1, 2)  # [crops, D, crop_frames]
+        out = rvq.train()(x, frame_rate)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rows.append({"step": step, "split": "train", **{k: float(v) for k, v in out.metrics.items()}})
+        if held_out is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            snr = latent_snr(rvq.eval(), held_out, frame_rate)
+            rows.append({"step": step, "split": "eval", **{f"snr_l{i}": v for i, v in enumerate(snr)}})
+    return pd.DataFrame(rows), rvq
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="studylib latents", description="Dump a run's encoder latents.")
+    parser.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
+    parser.add_argument("--manifest", help="corpus manifest (default: the run's own)")
+    parser.add_argument("--out", help="output file (default: latents.pt beside the checkpoint)")
+    args = parser.parse_args(argv)
+    try:
+        out = dump_latents(args.checkpoint, args.manifest, args.out)
+    except (FileNotFoundError, ValueError, cfglib.ConfigError) as e:
+        print(f"studylib latents: {e}", file=sys.stderr)
+        return 2
+    latents = Latents.load(out)
+    sizes = ", ".join(f"{k} {len(v)} frames ({len(v) / latents.frame_rate / 60:.1f} min)"
+                      for k, v in latents.frames.items())
+    print(f"wrote {out}: {sizes}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
+
