@@ -5,9 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SCALE  ?= cpu
-# Speech synthesis and MIDI rendering for the corpus. --no-install-recommends matters: without it
-# fluidsynth pulls in qsynth and a 119 MB soundfont.
-SYSTEM_PACKAGES := festival festvox-us-slt-hts espeak-ng fluidsynth timgm6mb-soundfont
+# Speech synthesis and MIDI rendering for the corpus, Opus for the baseline. --no-install-recommends
+# matters: without it fluidsynth pulls in qsynth and a 119 MB soundfont.
+SYSTEM_PACKAGES := festival festvox-us-slt-hts espeak-ng fluidsynth timgm6mb-soundfont opus-tools
 
 .PHONY: setup tools corpus-ci corpus study test lint lab bench clean
 
