@@ -13,6 +13,8 @@ COMMANDS = {
     "corpus": ("studylib.corpus", "cli"),
     "train": ("studylib.train", "cli"),
     "latents": ("studylib.latents", "cli"),
+    "evaluate": ("studylib.evaluate", "cli"),
+    "opus": ("studylib.evaluate", "opus_cli"),
 }
 
 

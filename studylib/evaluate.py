@@ -1,0 +1,219 @@
+"""Evaluation of a trained codec (and of Opus) on fixed test windows, through one scoring function.
+
+    studylib evaluate RUN_DIR [--split test] [--bandwidths 1.5 6 24] [--visqol-items 16]
+    studylib opus MANIFEST [--split test] [--out results/baselines/opus_test.parquet]
+
+Writes beside the run: `eval_<split>.parquet` (one row per item x bandwidth, every metric),
+`eval_<split>_levels.parquet` (per bandwidth and level: usage, perplexity, entropy, dead codes, plus
+the entropy bitrate), `eval_<split>_frequency.parquet` (codes-by-frequency at the highest bandwidth)
+and `examples/<kind>_<item>_{reference,<kbps>kbps}.flac` for the reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+from tqdm.auto import tqdm
+
+from studylib import baselines, metrics
+from studylib.codec import Codec
+from studylib.corpus import SPLITS, load_manifest
+from studylib.data import AudioDataset
+from studylib.train import load_checkpoint
+
+EXAMPLE_BANDWIDTHS = (1.5, 6.0, 24.0)
+
+
+@dataclass
+class Evaluation:
+    items: pd.DataFrame  # one row per item x bandwidth
+    levels: pd.DataFrame  # one row per bandwidth x level
+    frequency: pd.DataFrame  # level, rank, frequency at the highest bandwidth
+    examples: list[Path]
+
+
+def eval_windows(manifest: str | Path, split: str = "test", seconds: float = 5.0) -> tuple[AudioDataset, pd.DataFrame]:
+    """Fixed evaluation windows of a split and, per window, its manifest row (kind, group, source)."""
+    if split not in SPLITS:
+        raise ValueError(f"split: got {split!r}, allowed {SPLITS}")
+    dataset = AudioDataset(manifest, split, seconds, train=False)
+    rows = load_manifest(manifest).query("split == @split").reset_index(drop=True)
+    info = pd.DataFrame([{"item": i, "start_s": start / 24_000, **rows.iloc[seg][["path", "kind", "group", "source"]]}
+                         for i, (seg, start) in enumerate(dataset.windows)])
+    return dataset, info
+
+
+def score(estimate: torch.Tensor, reference: torch.Tensor) -> list[dict]:
+    """SI-SDR and mel distance per item of a batch [B, T] (24 kHz)."""
+    return [{"si_sdr": float(s), "mel_distance": float(m)}
+            for s, m in zip(metrics.si_sdr(estimate, reference), metrics.mel_distance(estimate, reference))]
+
+
+def visqol_scores(estimate: torch.Tensor, reference: torch.Tensor, kind: str) -> dict:
+    """ViSQOL of one item [T]: audio mode always, speech mode for speech items (modes are not comparable)."""
+    speech = metrics.visqol(estimate, reference, 24_000, "speech") if kind == "speech" else math.nan
+    return {"visqol_audio": metrics.visqol(estimate, reference, 24_000, "audio"), "visqol_speech": speech}
+
+
+def _examples_to_save(info: pd.DataFrame, per_kind: int) -> set[int]:
+    """The first `per_kind` windows of each kind, one per source where possible (fixed across runs)."""
+    chosen = info.drop_duplicates("source").groupby("kind").head(per_kind)
+    return set(chosen.item.tolist())
+
+
+@torch.no_grad()
+def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[float, ...] | None = None,
+             manifest: str | Path | None = None, seconds: float = 5.0, visqol_items: int = 16,
+             examples_per_kind: int = 2, batch_size: int = 8, out_dir: str | Path | None = None,
+             progress: bool = True) -> Evaluation:
+    """Evaluate a run folder (or a codec) on the fixed windows of `split`; ViSQOL on the first
+    `visqol_items` windows of each kind (it costs ~1 s per window); results written to `out_dir`
+    (default: the run folder) when there is one."""
+    if isinstance(run, Codec):
+        codec, run_dir = run.eval(), (Path(out_dir) if out_dir else None)
+        if manifest is None:
+            raise ValueError("manifest: required when evaluating a codec object rather than a run folder")
+    else:
+        codec, cfg, _ = load_checkpoint(run)
+        run_dir = Path(out_dir) if out_dir else (Path(run) if Path(run).is_dir() else Path(run).parent)
+        manifest = manifest or cfg.manifest
+    bandwidths = tuple(bandwidths or codec.config.target_bandwidths)
+    dataset, info = eval_windows(manifest, split, seconds)
+    visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
+    example_ids = _examples_to_save(info, examples_per_kind)
+    frame_rate, bins = codec.config.frame_rate, codec.config.bins
+
+    rows, level_rows, codes_by_bw = [], [], {bw: [] for bw in bandwidths}
+    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    for ids in tqdm(batches, desc=f"evaluate {split}", disable=not progress):
+        wav = torch.stack([dataset[i] for i in ids])  # [B, 1, T]
+        for bw in bandwidths:
+            codes = codec.encode(wav, bw)  # [n_q, B, F]
+            audio = codec.decode(codes)[..., : wav.shape[-1]]
+            codes_by_bw[bw].append(codes.flatten(1))
+            for pos, (i, row) in enumerate(zip(ids, score(audio[:, 0], wav[:, 0]))):
+                if i in visqol_ids:
+                    row |= visqol_scores(audio[pos, 0], wav[pos, 0], info.kind.iloc[i])
+                rows.append({"item": i, "system": "codec", "bandwidth": bw, "n_q": codes.shape[0],
+                             "nominal_kbps": metrics.nominal_kbps(codes.shape[0], bins, frame_rate), **row})
+    examples = _write_examples(codec, dataset, info, example_ids, bandwidths, run_dir) if run_dir else []
+    for bw, chunks in codes_by_bw.items():
+        codes = torch.cat(chunks, dim=1)  # [n_q, all frames]
+        dead = torch.stack([cb.dead_mask() for cb in codec.quantizer.codebooks[: codes.shape[0]]])
+        table = metrics.utilization(codes, bins, dead)
+        table.insert(0, "bandwidth", bw)
+        table["entropy_kbps"] = metrics.entropy_kbps(codes, bins, frame_rate)
+        table["bitrate_efficiency"] = metrics.bitrate_efficiency(codes, bins)
+        level_rows.append(table)
+    top = torch.cat(codes_by_bw[max(bandwidths)], dim=1)
+    freq = metrics.sorted_frequency(top, bins)
+    frequency = pd.DataFrame([{"level": lvl, "rank": r, "frequency": float(f)}
+                              for lvl in range(freq.shape[0]) for r, f in enumerate(freq[lvl])])
+    result = Evaluation(info.merge(pd.DataFrame(rows), on="item"), pd.concat(level_rows, ignore_index=True),
+                        frequency, examples)
+    if run_dir is not None:
+        _write(result.items, run_dir / f"eval_{split}.parquet")
+        _write(result.levels, run_dir / f"eval_{split}_levels.parquet")
+        _write(result.frequency, run_dir / f"eval_{split}_frequency.parquet")
+    return result
+
+
+def _write_examples(codec: Codec, dataset: AudioDataset, info: pd.DataFrame, ids: set[int],
+                    bandwidths: tuple[float, ...], run_dir: Path) -> list[Path]:
+    """FLAC of the reference and of the reconstructions at EXAMPLE_BANDWIDTHS, for the reports."""
+    folder = run_dir / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in sorted(ids):
+        wav = dataset[i][None]  # [1, 1, T]
+        versions = {"reference": wav} | {f"{bw:g}kbps": codec.decode(codec.encode(wav, bw))[..., : wav.shape[-1]]
+                                         for bw in bandwidths if bw in EXAMPLE_BANDWIDTHS}
+        for label, audio in versions.items():
+            path = folder / f"{info.kind.iloc[i]}_{i:04d}_{label}.flac"
+            sf.write(path, audio[0, 0].clamp(-1, 1).numpy(), 24_000)
+            written.append(path)
+    return written
+
+
+def _write(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def evaluate_opus(manifest: str | Path, split: str = "test", bitrates: tuple[float, ...] = baselines.OPUS_BITRATES,
+                  seconds: float = 5.0, visqol_items: int = 16, out: str | Path | None = None,
+                  progress: bool = True) -> pd.DataFrame:
+    """Opus on the same windows, scored by the same code; `bandwidth` is the requested kbps and
+    `payload_kbps` what Opus actually spent."""
+    baselines.require_opus()
+    dataset, info = eval_windows(manifest, split, seconds)
+    visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
+    rows = []
+    for i in tqdm(range(len(dataset)), desc=f"opus {split}", disable=not progress):
+        ref = dataset[i][0]
+        for kbps in bitrates:
+            result = baselines.opus_encode_decode(ref.numpy(), kbps)
+            est = torch.from_numpy(np.ascontiguousarray(result.audio))
+            row = score(est[None], ref[None])[0]
+            if i in visqol_ids:
+                row |= visqol_scores(est, ref, info.kind.iloc[i])
+            rows.append({"item": i, "system": "opus", "bandwidth": kbps, "nominal_kbps": kbps,
+                         "payload_kbps": result.payload_kbps, **row})
+    table = info.merge(pd.DataFrame(rows), on="item")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        _write(table, Path(out))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _summary(items: pd.DataFrame) -> str:
+    cols = [c for c in ("si_sdr", "mel_distance", "visqol_audio", "visqol_speech") if c in items]
+    return items.groupby(["system", "bandwidth", "kind"])[cols].mean().round(3).to_string()
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="studylib evaluate", description="Evaluate a run on fixed test windows.")
+    parser.add_argument("run", help="a run folder or its checkpoint.pt")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--bandwidths", type=float, nargs="+", help="kbps (default: the model's)")
+    parser.add_argument("--visqol-items", type=int, default=16, help="ViSQOL on this many windows per kind")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.run, args.split, tuple(args.bandwidths) if args.bandwidths else None,
+                          visqol_items=args.visqol_items)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"studylib evaluate: {e}", file=sys.stderr)
+        return 2
+    print(_summary(result.items))
+    return 0
+
+
+def opus_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="studylib opus", description="Opus baseline on fixed test windows.")
+    parser.add_argument("manifest")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--visqol-items", type=int, default=16)
+    parser.add_argument("--out", default=None, help="parquet (default: results/baselines/opus_<split>.parquet)")
+    args = parser.parse_args(argv)
+    out = args.out or f"results/baselines/opus_{args.split}.parquet"
+    try:
+        table = evaluate_opus(args.manifest, args.split, visqol_items=args.visqol_items, out=out)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"studylib opus: {e}", file=sys.stderr)
+        return 2
+    print(_summary(table))
+    print(f"wrote {out}")
+    return 0
