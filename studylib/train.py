@@ -35,6 +35,7 @@ from studylib import config as cfglib
 from studylib import distributed
 from studylib.codec import Codec, CodecConfig
 from studylib.data import AudioDataset
+from studylib.discriminator import MultiScaleSTFTDiscriminator, discriminator_step_loss, generator_losses
 from studylib.losses import MultiScaleMelLoss
 from studylib.quantization import MODES, THRESHOLD_KINDS, ExpiryConfig, NonFiniteError
 
@@ -94,6 +95,11 @@ class TrainConfig(QuantizerFields):
     weight_mel: float = 1.0
     weight_commit: float = 1.0
     grad_clip: float = 0.0
+    # EnCodec's MS-STFT discriminator (hinge + feature matching, weights 3 / 3); ~20 s a step on 2 cores
+    adversarial: bool = False
+    weight_adv: float = 3.0
+    weight_feat: float = 3.0
+    adversarial_from: int = 0  # first step with adversarial terms
     # bookkeeping
     seed: int = 0
     run_dir: str = "runs/default"
@@ -121,7 +127,8 @@ class TrainConfig(QuantizerFields):
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number in [0, 1)")
-        for name in ("weight_l1", "weight_mel", "weight_commit", "grad_clip"):
+        for name in ("weight_l1", "weight_mel", "weight_commit", "grad_clip", "weight_adv", "weight_feat",
+                     "adversarial_from"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number >= 0")
         if not self.bandwidths:
@@ -244,6 +251,8 @@ def train(cfg: TrainConfig) -> Run:
     model = Codec(codec_cfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     mel_loss = MultiScaleMelLoss(codec_cfg.sample_rate).to(device)
+    disc = MultiScaleSTFTDiscriminator().to(device) if cfg.adversarial else None
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)) if disc else None
     train_set = AudioDataset(cfg.manifest, "train", cfg.segment_seconds, codec_cfg.sample_rate, seed=cfg.seed)
     valid_set = AudioDataset(cfg.manifest, "valid", cfg.segment_seconds, codec_cfg.sample_rate)
 
@@ -253,6 +262,9 @@ def train(cfg: TrainConfig) -> Run:
         model.load_state_dict(ckpt["model"])
         model.quantizer.load_resume_state(ckpt["rvq"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if disc is not None:
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_optimizer"])
         start, rows = ckpt["step"], ckpt["rows"]
         started = (previous or {}).get("started", started)
 
@@ -270,9 +282,10 @@ def train(cfg: TrainConfig) -> Run:
     def checkpoint(step: int) -> None:
         if rank == 0:
             _write_metrics(rows, metrics_path)
+            extra = {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict()} if disc else {}
             _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                          "rvq": model.quantizer.resume_state(), "rows": rows, "config": cfglib.to_dict(cfg)},
-                         ckpt_path)
+                          "rvq": model.quantizer.resume_state(), "rows": rows, "config": cfglib.to_dict(cfg),
+                          **extra}, ckpt_path)
 
     t_start = time.perf_counter()
     try:
@@ -287,8 +300,19 @@ def train(cfg: TrainConfig) -> Run:
                 l1 = (out.audio - wav).abs().mean()
                 mel = mel_loss(out.audio, wav)
             loss = cfg.weight_l1 * l1 + cfg.weight_mel * mel + cfg.weight_commit * out.penalty
+            adv_terms = {}
+            if disc is not None and step >= cfg.adversarial_from:
+                # discriminator first, on the detached output; then the codec's adversarial terms
+                disc_loss = discriminator_step_loss(disc, wav, out.audio)
+                disc_opt.zero_grad(set_to_none=True)
+                disc_loss.backward()
+                _sync_gradients(disc, world)
+                disc_opt.step()
+                adv = generator_losses(disc, wav, out.audio)
+                loss = loss + cfg.weight_adv * adv.g_adv + cfg.weight_feat * adv.feat
+                adv_terms = {"disc": disc_loss, "g_adv": adv.g_adv, "feat": adv.feat}
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # also leaves gradients on the discriminator: cleared before its next step
             _sync_gradients(model, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
@@ -298,7 +322,7 @@ def train(cfg: TrainConfig) -> Run:
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 terms = {"loss": loss, "l1": l1, "mel": mel, "commit": out.penalty, "bandwidth": out.bandwidth,
-                         "grad_norm": grad_norm}
+                         "grad_norm": grad_norm, **adv_terms}
                 row = {"step": done, "split": "train", **_scalars(terms),
                        "seconds": time.perf_counter() - t_start, **_scalars(out.metrics),
                        **_codebook_totals(model)}

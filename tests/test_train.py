@@ -137,3 +137,15 @@ def test_torchrun_two_ranks_keep_fixed_codebooks_identical(synthetic_manifest, t
     assert any(int(v.sum()) > 0 for k, v in ranks[0].items() if k.endswith("replaced_total"))
     for key, value in ranks[0].items():
         assert torch.equal(value, ranks[1][key]), key
+
+
+def test_adversarial_terms_train_and_resume(synthetic_manifest, tmp_path):
+    """The MS-STFT discriminator path: its losses are logged and its state is checkpointed."""
+    cfg = smoke_config(synthetic_manifest, tmp_path / "adv", adversarial=True, steps=4, log_every=2,
+                       valid_every=4, checkpoint_every=2, segment_seconds=0.25, batch_size=1)
+    assert trainlib.train(cfg).status == "complete"
+    metrics, _ = comparable(tmp_path / "adv")
+    train_rows = metrics[metrics.split == "train"]
+    assert {"disc", "g_adv", "feat"} <= set(train_rows.columns) and train_rows.disc.notna().all()
+    ckpt = torch.load(tmp_path / "adv" / "checkpoint.pt", weights_only=False)
+    assert "disc" in ckpt and "disc_optimizer" in ckpt
