@@ -15,6 +15,7 @@ COMMANDS = {
     "latents": ("studylib.latents", "cli"),
     "evaluate": ("studylib.evaluate", "cli"),
     "opus": ("studylib.evaluate", "opus_cli"),
+    "audit": ("studylib.audit", "cli"),
 }
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from studylib.quantization import ExpiryConfig, ResidualVectorQuantizer
 
 NORMS = ("weight_norm", "none")
+QUANTIZERS = ("ours", "vqtorch")
 PAD_MODES = ("reflect", "constant", "replicate")
 
 
@@ -67,6 +68,9 @@ class CodecConfig:
     quantizer_dropout: bool = False
     detach_residual: bool = False
     target_bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)  # kbps
+    # "vqtorch": the peer arm (studylib.peer), vector-quantize-pytorch's ResidualVQ with its own expiry at
+    # expiry.threshold (absolute); the other expiry fields and init_fix do not apply to it.
+    quantizer: str = "ours"
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience but stored as tuples so the config stays hashable.
@@ -102,6 +106,10 @@ class CodecConfig:
             raise ValueError(f"init_fix: got {self.init_fix!r}, allowed None, True or False")
         if not isinstance(self.expiry, ExpiryConfig):
             raise ValueError(f"expiry: got {self.expiry!r}, allowed an ExpiryConfig")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer: got {self.quantizer!r}, allowed {QUANTIZERS}")
+        if self.quantizer == "vqtorch" and self.expiry.threshold_kind != "absolute":
+            raise ValueError("expiry: the vqtorch quantizer allows only an absolute threshold (its own expiry)")
         per_q = self.bandwidth_per_quantizer
         bws = self.target_bandwidths
         # Each target must buy at least one level and at most n_q of them (EnCodec floors bw / per_q).
@@ -358,8 +366,26 @@ def full_precision(device_type: str) -> torch.autocast:
     return torch.autocast(device_type, enabled=False)
 
 
+def _peer_quantizer(config: CodecConfig, generator: torch.Generator | None) -> nn.Module:
+    """The peer arm's RVQ, imported only when asked for (vector-quantize-pytorch pulls in einx and loguru)."""
+    try:
+        from studylib.peer import PeerResidualVQ
+    except ModuleNotFoundError as e:
+        if e.name != "vector_quantize_pytorch":
+            raise
+        raise ImportError("quantizer='vqtorch' needs vector-quantize-pytorch: "
+                          "pip install vector-quantize-pytorch==1.32.0") from e
+    return PeerResidualVQ(
+        dimension=config.dimension, n_q=config.n_q, bins=config.bins, decay=config.decay,
+        kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters,
+        threshold_ema_dead_code=config.expiry.threshold, quantizer_dropout=config.quantizer_dropout,
+        detach_residual=config.detach_residual, generator=generator,
+    )
+
+
 class Codec(nn.Module):
-    """SEANet encoder -> our residual VQ -> SEANet decoder.
+    """SEANet encoder -> residual VQ (ours, or the peer arm when config.quantizer == "vqtorch") -> SEANet
+    decoder.
 
     `generator` seeds the quantizer's random draws (k-means seeding, dead-code replacement, dropout);
     None uses the global RNG exactly as EnCodec does.
@@ -369,12 +395,15 @@ class Codec(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = SEANetEncoder(config)
-        self.quantizer = ResidualVectorQuantizer(
-            dimension=config.dimension, n_q=config.n_q, bins=config.bins, decay=config.decay,
-            kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters, expiry=config.expiry,
-            quantizer_dropout=config.quantizer_dropout, detach_residual=config.detach_residual,
-            generator=generator, init_fix=config.init_fix,
-        )
+        if config.quantizer == "vqtorch":
+            self.quantizer = _peer_quantizer(config, generator)
+        else:
+            self.quantizer = ResidualVectorQuantizer(
+                dimension=config.dimension, n_q=config.n_q, bins=config.bins, decay=config.decay,
+                kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters, expiry=config.expiry,
+                quantizer_dropout=config.quantizer_dropout, detach_residual=config.detach_residual,
+                generator=generator, init_fix=config.init_fix,
+            )
         self.decoder = SEANetDecoder(config)
 
     @classmethod

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from studylib import config as cfglib
 from studylib import distributed
-from studylib.codec import Codec, CodecConfig
+from studylib.codec import QUANTIZERS, Codec, CodecConfig
 from studylib.data import AudioDataset
 from studylib.discriminator import MultiScaleSTFTDiscriminator, discriminator_step_loss, generator_losses
 from studylib.losses import MultiScaleMelLoss
@@ -49,6 +49,7 @@ STATUSES = ("running", "complete", "failed")
 class QuantizerFields:
     """The ablation axes shared by codec runs and quantizer-only runs (see quantization.ExpiryConfig)."""
 
+    quantizer: str = "ours"  # or "vqtorch": vector-quantize-pytorch's ResidualVQ, the peer arm
     expiry_mode: str = "upstream"
     expiry_threshold: float = 2.0
     expiry_threshold_kind: str = "absolute"
@@ -115,6 +116,7 @@ class TrainConfig(QuantizerFields):
 
     def __post_init__(self) -> None:
         cfglib.check_choice("model", self.model, PRESETS)
+        cfglib.check_choice("quantizer", self.quantizer, QUANTIZERS)
         cfglib.check_choice("expiry_mode", self.expiry_mode, MODES)
         cfglib.check_choice("expiry_threshold_kind", self.expiry_threshold_kind, THRESHOLD_KINDS)
         cfglib.check_choice("device", self.device, DEVICES)
@@ -139,13 +141,18 @@ class TrainConfig(QuantizerFields):
             if bw not in codec.target_bandwidths:
                 raise ValueError(f"bandwidths: {bw} is not one of the model's {codec.target_bandwidths}")
 
+    @property
+    def frames_per_step(self) -> int:
+        """Latent frames one rank quantizes per step (EnCodec: 8 x 1 s x 75 Hz = 600)."""
+        return self.batch_size * math.ceil(self.segment_seconds * self.codec_config().frame_rate)
+
     def codec_config(self) -> CodecConfig:
         base = getattr(CodecConfig, self.model)()
         overrides = {k: v for k, v in (("n_filters", self.n_filters), ("lstm_layers", self.lstm_layers),
                                        ("n_q", self.n_q)) if v is not None}
         return CodecConfig(**{**cfglib.to_dict(base), **overrides, "bins": self.bins, "decay": self.decay,
                               "kmeans_iters": self.kmeans_iters, "expiry": self.expiry(), "init_fix": self.init_fix,
-                              "detach_residual": self.detach_residual})
+                              "detach_residual": self.detach_residual, "quantizer": self.quantizer})
 
 
 class TrainingDiverged(RuntimeError):
@@ -273,8 +280,7 @@ def train(cfg: TrainConfig) -> Run:
         "git_commit": _git_commit(), "versions": _versions(), "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if use_cuda else f"cpu ({platform.processor() or 'x86_64'})",
         "world_size": world, "threads": torch.get_num_threads(), "started": started, "resumed_at_step": start,
-        "frame_rate": codec_cfg.frame_rate, "frames_per_step": cfg.batch_size * world * math.ceil(
-            cfg.segment_seconds * codec_cfg.frame_rate),
+        "frame_rate": codec_cfg.frame_rate, "frames_per_step": cfg.frames_per_step * world,
     }
     if rank == 0:
         _write_manifest(manifest_path, manifest)
@@ -422,13 +428,19 @@ def validate(model: Codec, mel_loss: MultiScaleMelLoss, dataset: AudioDataset, c
             "bandwidth": cfg.valid_bandwidth}
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Codec, TrainConfig, dict]:
-    """The codec (eval mode), config and raw checkpoint of a run's `checkpoint.pt` (or its run folder)."""
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, given it or its run folder; FileNotFoundError naming it if there is none."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Codec, TrainConfig, dict]:
+    """The codec (eval mode), config and raw checkpoint of a run's `checkpoint.pt` (or its run folder)."""
+    path = checkpoint_path(path)
     ckpt = torch.load(path, map_location=device, weights_only=False)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path}: not a studylib run checkpoint (expected keys 'model' and 'config')")
