@@ -145,11 +145,14 @@ def nearest_upstream_exact(samples: torch.Tensor, means: torch.Tensor) -> torch.
     sq_s = centred_s.pow(2).sum(1)  # [n]
     sq_m = centred_m.pow(2).sum(1)  # [c]
     score = torch.addmm(sq_m.neg()[None], centred_s, centred_m.t(), alpha=2.0)  # [n, c] = 2 s.m - |m|^2
-    best = score.max(dim=1, keepdim=True).values
-    # The score, the centring and EnCodec's own expression are each within a few (d + 2) u (|s - c|^2 +
-    # |m - c|^2) of the true value; 16 (d + 4) u covers their sum with room to spare.
-    margin = 16 * (d + 4) * _matmul_unit_roundoff(samples.device) * (sq_s + sq_m.max())
-    rows, cols = (score >= best - margin[:, None]).nonzero(as_tuple=True)  # row-major: cols ascend
+    best, best_idx = score.max(dim=1, keepdim=True)
+    # The score, the centring and EnCodec's own expression of pair (s, m) are each within a few
+    # (d + 2) u (|s - c|^2 + |m - c|^2) of the true value, so mean j can beat the best mean b only if
+    # score_j >= score_b - k (2 |s|^2 + |m_j|^2 + |m_b|^2); k = 16 (d + 4) u leaves room to spare. The
+    # bound is per pair: one far-away mean must not widen every row's candidate set.
+    k = 16 * (d + 4) * _matmul_unit_roundoff(samples.device)
+    margin = (sq_m[None, :] + (2 * sq_s[:, None] + sq_m[best_idx])).mul_(k)  # [n, c]
+    rows, cols = (score >= best - margin).nonzero(as_tuple=True)  # row-major: cols ascend
     exact = -((samples[rows] - means[cols]) ** 2).sum(-1)  # EnCodec's expression, per candidate
     row_max = exact.new_full((n,), -math.inf).scatter_reduce_(0, rows, exact, "amax")
     first = torch.where(exact == row_max[rows], cols, means.shape[0])

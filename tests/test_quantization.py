@@ -423,3 +423,16 @@ def test_cluster_sums_fall_back_to_the_matmul_when_no_block_order_matches(monkey
     assert q._reduction_block(600, 128, 1024, x.dtype, x.device) is None  # sequential order is not MKL's
     onehot = torch.nn.functional.one_hot(ind, 1024).float()
     assert torch.equal(q.encodec_cluster_sums(x, ind, 1024), (x.t() @ onehot).t())
+
+
+def test_kmeans_exact_with_outliers_and_duplicate_frames():
+    """Silence (identical frames) and a far outlier: exact ties everywhere and one huge mean."""
+    g = torch.Generator().manual_seed(0)
+    samples = torch.cat([torch.randn(400, 16, generator=g), torch.zeros(150, 16), torch.full((2, 16), 1e3)])
+    samples = samples[torch.randperm(len(samples), generator=g)]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        means, counts = encodec_core.kmeans(samples, 256, 5)
+        torch.manual_seed(seed)
+        ours = kmeans(samples, 256, 5)
+        assert torch.equal(means, ours.means) and torch.equal(counts, ours.counts)
