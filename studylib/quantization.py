@@ -133,15 +133,23 @@ def _matmul_unit_roundoff(device: torch.device) -> float:
 def nearest_upstream_exact(samples: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """argmax over means of EnCodec's k-means score ``-((s - m) ** 2).sum(-1)``, bit-exact, in O(n c d) matmul.
 
-    EnCodec materialises an n x c x d difference tensor. Here a matmul score ranks the means, and only
-    the means within a rigorous rounding margin of the best are re-scored with EnCodec's expression
-    (the per-row reduction gives identical bits whatever the layout). Ties go to the first index.
+    EnCodec materialises an n x c x d difference tensor. Here identical frames and identical means are
+    scored once (they score identically; residuals of a level whose codes fit their frames are mostly
+    exact zeros), a matmul score ranks the distinct means, and only the means within a rigorous
+    rounding margin of the best are re-scored with EnCodec's expression (the per-row reduction gives
+    identical bits whatever the layout). Ties go to the lowest original index, as EnCodec's max() does.
     """
-    n, d = samples.shape
+    num_means = means.shape[0]
+    uniq_s, sample_of = torch.unique(samples, dim=0, return_inverse=True)
+    uniq_m, mean_of = torch.unique(means, dim=0, return_inverse=True)
+    # lowest original index of each distinct mean: the one EnCodec's first-max rule would pick
+    first_index = torch.full((uniq_m.shape[0],), num_means, device=means.device).scatter_reduce_(
+        0, mean_of, torch.arange(num_means, device=means.device), "amin")
+    n, d = uniq_s.shape
     # Rank on centred data: distances do not change, but the rounding error of the matmul score scales
     # with |s - c|^2 + |m - c|^2, so latents with a large common offset keep few candidates.
-    center = samples.mean(0)
-    centred_s, centred_m = samples - center, means - center
+    center = uniq_s.mean(0)
+    centred_s, centred_m = uniq_s - center, uniq_m - center
     sq_s = centred_s.pow(2).sum(1)  # [n]
     sq_m = centred_m.pow(2).sum(1)  # [c]
     score = torch.addmm(sq_m.neg()[None], centred_s, centred_m.t(), alpha=2.0)  # [n, c] = 2 s.m - |m|^2
@@ -152,11 +160,12 @@ def nearest_upstream_exact(samples: torch.Tensor, means: torch.Tensor) -> torch.
     # bound is per pair: one far-away mean must not widen every row's candidate set.
     k = 16 * (d + 4) * _matmul_unit_roundoff(samples.device)
     margin = (sq_m[None, :] + (2 * sq_s[:, None] + sq_m[best_idx])).mul_(k)  # [n, c]
-    rows, cols = (score >= best - margin).nonzero(as_tuple=True)  # row-major: cols ascend
-    exact = -((samples[rows] - means[cols]) ** 2).sum(-1)  # EnCodec's expression, per candidate
+    rows, cols = (score >= best - margin).nonzero(as_tuple=True)
+    exact = -((uniq_s[rows] - uniq_m[cols]) ** 2).sum(-1)  # EnCodec's expression, per candidate
     row_max = exact.new_full((n,), -math.inf).scatter_reduce_(0, rows, exact, "amax")
-    first = torch.where(exact == row_max[rows], cols, means.shape[0])
-    return torch.full_like(sq_s, means.shape[0], dtype=torch.long).scatter_reduce_(0, rows, first, "amin")
+    first = torch.where(exact == row_max[rows], first_index[cols], num_means)
+    nearest = torch.full((n,), num_means, dtype=torch.long, device=samples.device)
+    return nearest.scatter_reduce_(0, rows, first, "amin")[sample_of]
 
 
 def kmeans(
