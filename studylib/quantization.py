@@ -133,23 +133,23 @@ def _matmul_unit_roundoff(device: torch.device) -> float:
 def nearest_upstream_exact(samples: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """argmax over means of EnCodec's k-means score ``-((s - m) ** 2).sum(-1)``, bit-exact, in O(n c d) matmul.
 
-    EnCodec materialises an n x c x d difference tensor. Here identical frames and identical means are
-    scored once (they score identically; residuals of a level whose codes fit their frames are mostly
-    exact zeros), a matmul score ranks the distinct means, and only the means within a rigorous
-    rounding margin of the best are re-scored with EnCodec's expression (the per-row reduction gives
-    identical bits whatever the layout). Ties go to the lowest original index, as EnCodec's max() does.
+    EnCodec materialises an n x c x d difference tensor. Here a matmul score ranks the means, and only
+    the means within a rigorous rounding margin of the best are re-scored with EnCodec's expression
+    (the per-row reduction gives identical bits whatever the layout). Identical frames, and identical
+    means where there are many ties, are scored once: they score identically, and residuals of a level
+    whose codes fit their frames are mostly exact zeros. Ties go to the lowest index, as EnCodec's max().
     """
-    num_means = means.shape[0]
     uniq_s, sample_of = torch.unique(samples, dim=0, return_inverse=True)
-    uniq_m, mean_of = torch.unique(means, dim=0, return_inverse=True)
-    # lowest original index of each distinct mean: the one EnCodec's first-max rule would pick
-    first_index = torch.full((uniq_m.shape[0],), num_means, device=means.device).scatter_reduce_(
-        0, mean_of, torch.arange(num_means, device=means.device), "amin")
-    n, d = uniq_s.shape
+    return _nearest_among_distinct(uniq_s, means)[sample_of]
+
+
+def _candidate_pairs(uniq_s: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, mean) pairs that rounding could make the exact nearest; rows ascending, then means."""
+    d = uniq_s.shape[1]
     # Rank on centred data: distances do not change, but the rounding error of the matmul score scales
     # with |s - c|^2 + |m - c|^2, so latents with a large common offset keep few candidates.
     center = uniq_s.mean(0)
-    centred_s, centred_m = uniq_s - center, uniq_m - center
+    centred_s, centred_m = uniq_s - center, means - center
     sq_s = centred_s.pow(2).sum(1)  # [n]
     sq_m = centred_m.pow(2).sum(1)  # [c]
     score = torch.addmm(sq_m.neg()[None], centred_s, centred_m.t(), alpha=2.0)  # [n, c] = 2 s.m - |m|^2
@@ -158,14 +158,28 @@ def nearest_upstream_exact(samples: torch.Tensor, means: torch.Tensor) -> torch.
     # (d + 2) u (|s - c|^2 + |m - c|^2) of the true value, so mean j can beat the best mean b only if
     # score_j >= score_b - k (2 |s|^2 + |m_j|^2 + |m_b|^2); k = 16 (d + 4) u leaves room to spare. The
     # bound is per pair: one far-away mean must not widen every row's candidate set.
-    k = 16 * (d + 4) * _matmul_unit_roundoff(samples.device)
+    k = 16 * (d + 4) * _matmul_unit_roundoff(uniq_s.device)
     margin = (sq_m[None, :] + (2 * sq_s[:, None] + sq_m[best_idx])).mul_(k)  # [n, c]
-    rows, cols = (score >= best - margin).nonzero(as_tuple=True)
-    exact = -((uniq_s[rows] - uniq_m[cols]) ** 2).sum(-1)  # EnCodec's expression, per candidate
-    row_max = exact.new_full((n,), -math.inf).scatter_reduce_(0, rows, exact, "amax")
-    first = torch.where(exact == row_max[rows], first_index[cols], num_means)
-    nearest = torch.full((n,), num_means, dtype=torch.long, device=samples.device)
-    return nearest.scatter_reduce_(0, rows, first, "amin")[sample_of]
+    return (score >= best - margin).nonzero(as_tuple=True)
+
+
+def _nearest_among_distinct(uniq_s: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """`nearest_upstream_exact` for rows that are already distinct (k-means dedups its frames once)."""
+    num_means = means.shape[0]
+    index = torch.arange(num_means, device=means.device)  # candidate column -> original mean index
+    rows, cols = _candidate_pairs(uniq_s, means)
+    if rows.numel() > 16 * uniq_s.shape[0]:
+        # Many exact ties: duplicate means (seeding with replacement when n < K, empty clusters). Identical
+        # means score identically, so keep one of each, standing for its lowest original index.
+        means, mean_of = torch.unique(means, dim=0, return_inverse=True)
+        index = torch.full((means.shape[0],), num_means, device=means.device).scatter_reduce_(
+            0, mean_of, torch.arange(num_means, device=means.device), "amin")
+        rows, cols = _candidate_pairs(uniq_s, means)
+    exact = -((uniq_s[rows] - means[cols]) ** 2).sum(-1)  # EnCodec's expression, per candidate
+    row_max = exact.new_full((uniq_s.shape[0],), -math.inf).scatter_reduce_(0, rows, exact, "amax")
+    first = torch.where(exact == row_max[rows], index[cols], num_means)  # ties: the lowest original index
+    nearest = torch.full((uniq_s.shape[0],), num_means, dtype=torch.long, device=uniq_s.device)
+    return nearest.scatter_reduce_(0, rows, first, "amin")
 
 
 def kmeans(
@@ -179,8 +193,9 @@ def kmeans(
         raise NonFiniteError("k-means init: the first training batch holds NaN or Inf")
     means = sample_vectors(samples, num_clusters, generator)
     counts = torch.zeros(num_clusters, dtype=torch.long, device=samples.device)
+    uniq_s, sample_of = torch.unique(samples, dim=0, return_inverse=True)  # frames are fixed: dedup once
     for _ in range(num_iters):
-        buckets = nearest_upstream_exact(samples, means)
+        buckets = _nearest_among_distinct(uniq_s, means)[sample_of]
         counts = torch.bincount(buckets, minlength=num_clusters)
         empty = counts == 0
         sums = means.new_zeros(means.shape).index_add_(0, buckets, samples)
