@@ -23,15 +23,13 @@ are SUM-all-reduced, k-means and replacement frames are drawn across ranks.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from vector_quantize_pytorch import ResidualVQ
 from vector_quantize_pytorch.residual_vq import frac_gradient
 from vector_quantize_pytorch.vector_quantize_pytorch import Codebook
 
-from studylib.quantization import QuantizedResult, ResidualVectorQuantizer
+from studylib.quantization import LevelSchedule, QuantizedResult, ResidualVectorQuantizer
 
 
 class PeerCodebook(Codebook):
@@ -63,7 +61,7 @@ class PeerCodebook(Codebook):
         self.replaced_total += (self.cluster_size != before).sum()
 
 
-class PeerResidualVQ(nn.Module):
+class PeerResidualVQ(LevelSchedule, nn.Module):
     """`vector_quantize_pytorch.ResidualVQ` (EMA, k-means init, its own expiry) with the interface of
     `studylib.quantization.ResidualVectorQuantizer`: x [B, D, T] in, `QuantizedResult` out.
 
@@ -107,19 +105,8 @@ class PeerResidualVQ(nn.Module):
     def codebooks(self) -> list[PeerCodebook]:
         return [layer._codebook for layer in self.rvq.layers]
 
-    def get_bandwidth_per_quantizer(self, frame_rate: float) -> float:
-        """kbps of one level: log2(bins) bits per frame."""
-        return math.log2(self.bins) * frame_rate / 1000
-
-    def get_num_quantizers_for_bandwidth(self, frame_rate: float, bandwidth: float | None = None) -> int:
-        if bandwidth and bandwidth > 0.0:
-            return int(max(1, math.floor(bandwidth / self.get_bandwidth_per_quantizer(frame_rate))))
-        return self.n_q
-
     def forward(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> QuantizedResult:
-        n_q = self.get_num_quantizers_for_bandwidth(frame_rate, bandwidth)
-        if self.training and self.quantizer_dropout:
-            n_q = int(torch.randint(1, n_q + 1, (1,), generator=self.generator))
+        n_q = self.levels_for_step(frame_rate, bandwidth)
         replaced_before = [cb.replaced_total.clone() for cb in self.codebooks[:n_q]] if self.training else []
 
         x_last = x.transpose(1, 2)  # [B, T, D]: the library is channel-last

@@ -496,7 +496,29 @@ class QuantizedResult:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # flat, per level: used_l0, ...
 
 
-class ResidualVectorQuantizer(nn.Module):
+class LevelSchedule:
+    """EnCodec's bandwidth -> number of levels, shared by our RVQ and the peer arm. Needs `bins`, `n_q`,
+    `quantizer_dropout`, `generator` and nn.Module's `training`."""
+
+    def get_bandwidth_per_quantizer(self, frame_rate: float) -> float:
+        """kbps of one level: log2(bins) bits per frame."""
+        return math.log2(self.bins) * frame_rate / 1000
+
+    def get_num_quantizers_for_bandwidth(self, frame_rate: float, bandwidth: float | None = None) -> int:
+        if bandwidth and bandwidth > 0.0:
+            return int(max(1, math.floor(bandwidth / self.get_bandwidth_per_quantizer(frame_rate))))
+        return self.n_q
+
+    def levels_for_step(self, frame_rate: float, bandwidth: float | None = None) -> int:
+        """Levels used by this forward: the bandwidth's, or under quantizer dropout (training only) a
+        uniform draw in [1, that]."""
+        n_q = self.get_num_quantizers_for_bandwidth(frame_rate, bandwidth)
+        if self.training and self.quantizer_dropout:
+            n_q = int(torch.randint(1, n_q + 1, (1,), generator=self.generator))
+        return n_q
+
+
+class ResidualVectorQuantizer(LevelSchedule, nn.Module):
     """EnCodec's residual VQ over our codebook; EnCodec state dicts load into it strictly.
 
     `detach_residual` is the fix for https://github.com/facebookresearch/encodec/issues/25 as AudioCraft
@@ -562,19 +584,8 @@ class ResidualVectorQuantizer(nn.Module):
             if g is not None:
                 g.set_state(g_state)
 
-    def get_bandwidth_per_quantizer(self, frame_rate: float) -> float:
-        """kbps of one level: log2(bins) bits per frame."""
-        return math.log2(self.bins) * frame_rate / 1000
-
-    def get_num_quantizers_for_bandwidth(self, frame_rate: float, bandwidth: float | None = None) -> int:
-        if bandwidth and bandwidth > 0.0:
-            return int(max(1, math.floor(bandwidth / self.get_bandwidth_per_quantizer(frame_rate))))
-        return self.n_q
-
     def forward(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> QuantizedResult:
-        n_q = self.get_num_quantizers_for_bandwidth(frame_rate, bandwidth)
-        if self.training and self.quantizer_dropout:
-            n_q = int(torch.randint(1, n_q + 1, (1,), generator=self.generator))
+        n_q = self.levels_for_step(frame_rate, bandwidth)
         replaced_before = [cb.replaced_total.clone() for cb in self.codebooks[:n_q]] if self.training else []
 
         quantized_out = torch.zeros_like(x) if self.detach_residual else 0.0
