@@ -41,14 +41,24 @@ class Evaluation:
     examples: list[Path]
 
 
-def eval_windows(manifest: str | Path, split: str = "test", seconds: float = 5.0) -> tuple[AudioDataset, pd.DataFrame]:
-    """Fixed evaluation windows of a split and, per window, its manifest row (kind, group, source)."""
+def eval_windows(manifest: str | Path, split: str = "test", seconds: float = 5.0,
+                 per_kind: int | None = None) -> tuple[AudioDataset, pd.DataFrame]:
+    """Fixed evaluation windows of a split and, per window, its manifest row (kind, group, source).
+
+    `item` is the window's index in the dataset. `per_kind` keeps that many windows of each kind, spread
+    evenly over the kind's windows (so over its sources), the same ones on every call."""
     if split not in SPLITS:
         raise ValueError(f"split: got {split!r}, allowed {SPLITS}")
+    if per_kind is not None and per_kind < 1:
+        raise ValueError(f"per_kind: got {per_kind!r}, allowed None or an integer >= 1")
     dataset = AudioDataset(manifest, split, seconds, train=False)
     rows = load_manifest(manifest).query("split == @split").reset_index(drop=True)
     info = pd.DataFrame([{"item": i, "start_s": start / 24_000, **rows.iloc[seg][["path", "kind", "group", "source"]]}
                          for i, (seg, start) in enumerate(dataset.windows)])
+    if per_kind is not None:
+        keep = [group.iloc[np.unique(np.linspace(0, len(group) - 1, min(per_kind, len(group))).round().astype(int))]
+                for _, group in info.groupby("kind", sort=True)]
+        info = pd.concat(keep).sort_values("item").reset_index(drop=True)
     return dataset, info
 
 
@@ -74,10 +84,10 @@ def _examples_to_save(info: pd.DataFrame, per_kind: int) -> set[int]:
 def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[float, ...] | None = None,
              manifest: str | Path | None = None, seconds: float = 5.0, visqol_items: int = 16,
              examples_per_kind: int = 2, batch_size: int = 8, out_dir: str | Path | None = None,
-             progress: bool = True) -> Evaluation:
-    """Evaluate a run folder (or a codec) on the fixed windows of `split`; ViSQOL on the first
-    `visqol_items` windows of each kind (it costs ~1 s per window); results written to `out_dir`
-    (default: the run folder) when there is one."""
+             per_kind: int | None = None, progress: bool = True) -> Evaluation:
+    """Evaluate a run folder (or a codec) on the fixed windows of `split` (`per_kind` of each kind, or
+    all); ViSQOL on the first `visqol_items` windows of each kind (it costs ~1 s per window); results
+    written to `out_dir` (default: the run folder) when there is one."""
     if isinstance(run, Codec):
         codec, run_dir = run.eval(), (Path(out_dir) if out_dir else None)
         if manifest is None:
@@ -86,23 +96,29 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
         codec, cfg, _ = load_checkpoint(run)
         run_dir = Path(out_dir) if out_dir else (Path(run) if Path(run).is_dir() else Path(run).parent)
         manifest = manifest or cfg.manifest
-    bandwidths = tuple(bandwidths or codec.config.target_bandwidths)
-    dataset, info = eval_windows(manifest, split, seconds)
+    bandwidths = tuple(sorted(bandwidths or codec.config.target_bandwidths))
+    dataset, info = eval_windows(manifest, split, seconds, per_kind)
+    kinds = info.set_index("item").kind
     visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
     example_ids = _examples_to_save(info, examples_per_kind)
     frame_rate, bins = codec.config.frame_rate, codec.config.bins
+    levels = {bw: codec.quantizer.get_num_quantizers_for_bandwidth(frame_rate, bw) for bw in bandwidths}
 
     rows, level_rows, codes_by_bw = [], [], {bw: [] for bw in bandwidths}
-    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    ids_all = info.item.tolist()
+    batches = [ids_all[i: i + batch_size] for i in range(0, len(ids_all), batch_size)]
     for ids in tqdm(batches, desc=f"evaluate {split}", disable=not progress):
         wav = torch.stack([dataset[i] for i in ids])  # [B, 1, T]
+        # RVQ codes are sequential, so a lower bandwidth's codes are a prefix of the highest one's:
+        # one encoder pass per batch, one decoder pass per bandwidth.
+        all_codes = codec.encode(wav, bandwidths[-1])  # [n_q, B, F]
         for bw in bandwidths:
-            codes = codec.encode(wav, bw)  # [n_q, B, F]
+            codes = all_codes[: levels[bw]]
             audio = codec.decode(codes)[..., : wav.shape[-1]]
             codes_by_bw[bw].append(codes.flatten(1))
             for pos, (i, row) in enumerate(zip(ids, score(audio[:, 0], wav[:, 0]))):
                 if i in visqol_ids:
-                    row |= visqol_scores(audio[pos, 0], wav[pos, 0], info.kind.iloc[i])
+                    row |= visqol_scores(audio[pos, 0], wav[pos, 0], kinds[i])
                 rows.append({"item": i, "system": "codec", "bandwidth": bw, "n_q": codes.shape[0],
                              "nominal_kbps": metrics.nominal_kbps(codes.shape[0], bins, frame_rate), **row})
     examples = _write_examples(codec, dataset, info, example_ids, bandwidths, run_dir) if run_dir else []
@@ -114,7 +130,7 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
         table["entropy_kbps"] = metrics.entropy_kbps(codes, bins, frame_rate)
         table["bitrate_efficiency"] = metrics.bitrate_efficiency(codes, bins)
         level_rows.append(table)
-    top = torch.cat(codes_by_bw[max(bandwidths)], dim=1)
+    top = torch.cat(codes_by_bw[bandwidths[-1]], dim=1)
     freq = metrics.sorted_frequency(top, bins)
     frequency = pd.DataFrame([{"level": lvl, "rank": r, "frequency": float(f)}
                               for lvl in range(freq.shape[0]) for r, f in enumerate(freq[lvl])])
@@ -132,13 +148,14 @@ def _write_examples(codec: Codec, dataset: AudioDataset, info: pd.DataFrame, ids
     """FLAC of the reference and of the reconstructions at EXAMPLE_BANDWIDTHS, for the reports."""
     folder = run_dir / "examples"
     folder.mkdir(parents=True, exist_ok=True)
+    kinds = info.set_index("item").kind
     written = []
     for i in sorted(ids):
         wav = dataset[i][None]  # [1, 1, T]
         versions = {"reference": wav} | {f"{bw:g}kbps": codec.decode(codec.encode(wav, bw))[..., : wav.shape[-1]]
                                          for bw in bandwidths if bw in EXAMPLE_BANDWIDTHS}
         for label, audio in versions.items():
-            path = folder / f"{info.kind.iloc[i]}_{i:04d}_{label}.flac"
+            path = folder / f"{kinds[i]}_{i:04d}_{label}.flac"
             sf.write(path, audio[0, 0].clamp(-1, 1).numpy(), 24_000)
             written.append(path)
     return written
@@ -152,21 +169,22 @@ def _write(frame: pd.DataFrame, path: Path) -> None:
 
 def evaluate_opus(manifest: str | Path, split: str = "test", bitrates: tuple[float, ...] = baselines.OPUS_BITRATES,
                   seconds: float = 5.0, visqol_items: int = 16, out: str | Path | None = None,
-                  progress: bool = True) -> pd.DataFrame:
+                  per_kind: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Opus on the same windows, scored by the same code; `bandwidth` is the requested kbps and
     `payload_kbps` what Opus actually spent."""
     baselines.require_opus()
-    dataset, info = eval_windows(manifest, split, seconds)
+    dataset, info = eval_windows(manifest, split, seconds, per_kind)
+    kinds = info.set_index("item").kind
     visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
     rows = []
-    for i in tqdm(range(len(dataset)), desc=f"opus {split}", disable=not progress):
+    for i in tqdm(info.item.tolist(), desc=f"opus {split}", disable=not progress):
         ref = dataset[i][0]
         for kbps in bitrates:
             result = baselines.opus_encode_decode(ref.numpy(), kbps)
             est = torch.from_numpy(np.ascontiguousarray(result.audio))
             row = score(est[None], ref[None])[0]
             if i in visqol_ids:
-                row |= visqol_scores(est, ref, info.kind.iloc[i])
+                row |= visqol_scores(est, ref, kinds[i])
             rows.append({"item": i, "system": "opus", "bandwidth": kbps, "nominal_kbps": kbps,
                          "payload_kbps": result.payload_kbps, **row})
     table = info.merge(pd.DataFrame(rows), on="item")

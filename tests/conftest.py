@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +59,13 @@ def smoke_run(synthetic_manifest, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "smoke"
     assert train(smoke_config(synthetic_manifest, run_dir, **SMOKE_RUN)).status == "complete"
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def ci_data(tmp_path_factory) -> Path:
+    """A data folder holding the real `ci` corpus (Debian packages; built once per session)."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("apt-get/dpkg-deb not available: the ci profile is built from Debian packages")
+    data = tmp_path_factory.mktemp("ci_data")
+    build_corpus("ci", data, jobs=os.cpu_count())
+    return data

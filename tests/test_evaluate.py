@@ -64,3 +64,25 @@ def test_opus_on_the_same_windows(synthetic_manifest, tmp_path):
     assert mean[24.0] > mean[6.0]
     assert (table.payload_kbps < table.bandwidth * 1.5).all()
     assert metrics.nominal_kbps(8, 1024, 75) == 6.0
+
+
+def test_per_kind_keeps_evenly_spread_windows_of_each_kind(ci_data):
+    manifest = ci_data / "ci" / "manifest.csv"
+    _, every = eval_windows(manifest, "test", 2.0)
+    _, some = eval_windows(manifest, "test", 2.0, per_kind=3)
+    assert some.groupby("kind").size().eq(3).all() and set(some.kind) == {"speech", "music"}
+    assert set(some.item) <= set(every.item) and some.item.is_monotonic_increasing
+    for _, group in every.groupby("kind"):  # first and last window of each kind are kept
+        assert {group.item.iloc[0], group.item.iloc[-1]} <= set(some.item)
+    assert eval_windows(manifest, "test", 2.0, per_kind=3)[1].equals(some)
+    with pytest.raises(ValueError, match="per_kind: got 0"):
+        eval_windows(manifest, "test", 2.0, per_kind=0)
+
+
+def test_lower_bandwidths_score_the_same_whether_evaluated_alone_or_together(smoke_run, tmp_path):
+    # evaluate() encodes once and decodes prefixes of the codes: it must equal encoding at each bandwidth
+    alone = evaluate(smoke_run, "test", (1.5,), seconds=1.0, visqol_items=0, out_dir=tmp_path, progress=False)
+    both = evaluate(smoke_run, "test", (3.0, 1.5), seconds=1.0, visqol_items=0, out_dir=tmp_path, progress=False)
+    cols = ["item", "si_sdr", "mel_distance", "n_q"]
+    low = both.items[both.items.bandwidth == 1.5][cols].reset_index(drop=True)
+    pd.testing.assert_frame_equal(alone.items[cols], low)
