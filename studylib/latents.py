@@ -10,6 +10,7 @@ study is about (usage, dead codes, replacements) for thousands of steps in minut
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from studylib import config as cfglib
 from studylib.corpus import SPLITS, load_manifest
+from studylib.metrics import utilization
 from studylib.quantization import ResidualVectorQuantizer
 from studylib.train import QuantizerFields, load_checkpoint
 
@@ -98,22 +100,33 @@ class LatentRunConfig(QuantizerFields):
                              f"({self.crop_frames})")
 
 
-def latent_snr(rvq: ResidualVectorQuantizer, latents: torch.Tensor, frame_rate: float) -> list[float]:
-    """Quantization SNR (dB) after levels 1..n_q: 10 log10(|x|^2 / |x - x_hat_l|^2) on `latents` [N, D]."""
+def latent_eval(rvq: ResidualVectorQuantizer, latents: torch.Tensor, frame_rate: float) -> dict[str, float]:
+    """On held-out frames `latents` [N, D], per level l: quantization SNR after levels 0..l (dB,
+    10 log10(|x|^2 / |x - x_hat_l|^2)), usage (fraction of codes used at least once) and perplexity."""
     x = latents.t()[None]  # [1, D, N]
-    codes = rvq.encode(x, frame_rate)
-    residual, energy, out = x, x.square().sum(), []
-    for layer, level_codes in zip(rvq.vq.layers, codes):
+    codes = rvq.encode(x, frame_rate)  # [n_q, 1, N]
+    residual, energy, out = x, x.square().sum(), {}
+    for level, (layer, level_codes) in enumerate(zip(rvq.vq.layers, codes)):
         residual = residual - layer.decode(level_codes)
-        out.append(float(10 * torch.log10(energy / residual.square().sum().clamp_min(1e-20))))
+        out[f"snr_l{level}"] = float(10 * torch.log10(energy / residual.square().sum().clamp_min(1e-20)))
+    use = utilization(codes, rvq.bins)
+    for row in use.itertuples():
+        out[f"usage_l{row.level}"], out[f"perplexity_l{row.level}"] = float(row.usage), float(row.perplexity)
     return out
+
+
+def latent_snr(rvq: ResidualVectorQuantizer, latents: torch.Tensor, frame_rate: float) -> list[float]:
+    """Quantization SNR (dB) after levels 1..n_q on `latents` [N, D] (see `latent_eval`)."""
+    found = latent_eval(rvq, latents, frame_rate)
+    return [found[f"snr_l{level}"] for level in range(rvq.n_q)]
 
 
 def train_on_latents(cfg: LatentRunConfig, train: torch.Tensor, evaluate: torch.Tensor | None = None,
                      frame_rate: float = 75.0, progress: bool = True) -> tuple[pd.DataFrame, ResidualVectorQuantizer]:
     """Train an RVQ alone on the frame stream `train` [N, D]; returns tidy metrics (one row per logged
-    step; `split` = "train" rows carry the quantizer's per-level metrics, "eval" rows the latent SNR
-    per level on the first `eval_frames` frames of `evaluate`) and the trained quantizer."""
+    step; `split` = "train" rows carry the quantizer's per-level metrics of the step's batch and every
+    level's replaced_total so far, "eval" rows `latent_eval` on the first `eval_frames` frames of
+    `evaluate`) and the trained quantizer."""
     if train.shape[0] < cfg.crop_frames:
         raise ValueError(f"train: {train.shape[0]} frames, fewer than one crop of {cfg.crop_frames}")
     rvq = ResidualVectorQuantizer(dimension=train.shape[1], n_q=cfg.n_q, bins=cfg.bins, decay=cfg.decay,
@@ -129,11 +142,97 @@ def train_on_latents(cfg: LatentRunConfig, train: torch.Tensor, evaluate: torch.
         x = train[starts + window].transpose(1, 2)  # [crops, D, crop_frames]
         out = rvq.train()(x, frame_rate)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            rows.append({"step": step, "split": "train", **{k: float(v) for k, v in out.metrics.items()}})
+            totals = {f"replaced_total_l{level}": float(cb.replaced_total) for level, cb in enumerate(rvq.codebooks)}
+            rows.append({"step": step, "split": "train", **{k: float(v) for k, v in out.metrics.items()}, **totals})
         if held_out is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            snr = latent_snr(rvq.eval(), held_out, frame_rate)
-            rows.append({"step": step, "split": "eval", **{f"snr_l{i}": v for i, v in enumerate(snr)}})
+            rows.append({"step": step, "split": "eval", **latent_eval(rvq.eval(), held_out, frame_rate)})
     return pd.DataFrame(rows), rvq
+
+
+# ------------------------------------------------------------------------------ the quantizer grid
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """One quantizer-only run of a study grid: an arm (params/arms/<arm>.yaml) with overrides."""
+
+    arm: str
+    config: LatentRunConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-{cfglib.config_hash(self.config, exclude=('seed',))}-s{self.config.seed}"
+
+    @property
+    def variant(self) -> str:
+        """The settings that tell this cell from its arm's others: a label for plots and tables."""
+        c = self.config
+        if c.expiry_mode != "fixed":
+            return f"{self.arm}"
+        unit = "" if c.expiry_threshold_kind == "relative" else " abs"
+        return f"{self.arm} th={c.expiry_threshold:g}{unit} every={c.expiry_every}"
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"cell": self.name, "arm": self.arm, "variant": self.variant, "seed": c.seed,
+                "expiry_mode": c.expiry_mode, "expiry_threshold": c.expiry_threshold,
+                "expiry_threshold_kind": c.expiry_threshold_kind, "expiry_every": c.expiry_every,
+                "frames_per_step": c.frames_per_step, "n_q": c.n_q, "bins": c.bins, "steps": c.steps}
+
+
+def expand_grid(grid: list[dict], arms_dir: str | Path, base: dict | None = None) -> list[GridCell]:
+    """The cells of a quantizer grid. Each block of `grid` names `arm` (one or a list) and any
+    LatentRunConfig keys; list values are crossed (a cartesian product), scalars apply to all. `base`
+    (steps, n_q, seeds, ...) applies under every block; `seeds` (a list, in `base` or a block) is crossed
+    too. Every cell is validated here, so a bad key fails before anything runs."""
+    base = dict(base or {})
+    seeds = base.pop("seeds", [base.pop("seed", 0)])
+    cells, seen = [], set()
+    for number, block in enumerate(grid):
+        if not isinstance(block, dict) or "arm" not in block:
+            raise cfglib.ConfigError(f"quantizer grid block {number}: expected a mapping with an 'arm' key, "
+                                     f"got {block!r}")
+        block = dict(block)
+        block_seeds = block.pop("seeds", seeds)  # a block may run its own seeds
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in block.items()}
+        axes["seed"] = list(block_seeds if isinstance(block_seeds, list) else [block_seeds])
+        keys = list(axes)
+        for values in itertools.product(*axes.values()):
+            chosen = dict(zip(keys, values))
+            arm = chosen.pop("arm")
+            arm_file = Path(arms_dir) / f"{arm}.yaml"
+            if not arm_file.is_file():
+                known = sorted(p.stem for p in Path(arms_dir).glob("*.yaml"))
+                raise cfglib.ConfigError(f"quantizer grid block {number}: arm {arm!r} unknown; allowed {known}")
+            overlay = cfglib.read_overlay(arm_file)
+            if overlay.get("quantizer", "ours") != "ours":
+                raise cfglib.ConfigError(f"quantizer grid block {number}: arm {arm!r} is not our RVQ "
+                                         "(the quantizer-only study trains studylib's RVQ)")
+            cell = GridCell(arm, cfglib.build(LatentRunConfig, [base, overlay, chosen]))
+            if cell.name not in seen:
+                seen.add(cell.name)
+                cells.append(cell)
+    return cells
+
+
+def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progress: bool = True) -> pd.DataFrame:
+    """Train every cell on `latents` (train split; eval on valid), one parquet per cell in
+    `out_dir/runs/` written when the cell finishes, so an interrupted grid resumes where it stopped.
+    Returns all cells' rows, each tagged with `GridCell.describe()`."""
+    runs = Path(out_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for cell in tqdm(cells, desc="quantizer grid", disable=not progress):
+        path = runs / f"{cell.name}.parquet"
+        if not path.is_file():
+            metrics, _ = train_on_latents(cell.config, latents.frames["train"], latents.frames.get("valid"),
+                                          latents.frame_rate, progress=False)
+            tagged = metrics.assign(**cell.describe())
+            tmp = path.with_suffix(".tmp")
+            tagged.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        frames.append(pd.read_parquet(path))
+    return pd.concat(frames, ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

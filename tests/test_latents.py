@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ROOT
 
 from studylib import config as cfglib
 from studylib.__main__ import main
@@ -58,3 +59,56 @@ def test_latent_run_config_errors_name_the_field():
         cfglib.build(LatentRunConfig, [{"frames_per_step": 100}])
     with pytest.raises(cfglib.ConfigError, match="^expiry_threshold_kind: "):
         cfglib.build(LatentRunConfig, [{"expiry_threshold_kind": "percent", "expiry_mode": "fixed"}])
+
+
+GRID = [{"arm": ["none", "upstream"]}, {"arm": "fixed_rel", "expiry_threshold": [0.1, 0.3], "expiry_every": [1, 5]},
+        {"arm": "upstream", "frames_per_step": 150, "seeds": [7]}]
+BASE = {"n_q": 2, "bins": 64, "steps": 12, "kmeans_iters": 3, "log_every": 4, "eval_every": 6, "seeds": [0, 1],
+        "crop_frames": 75, "frames_per_step": 75}
+
+
+def test_grid_crosses_lists_and_seeds_and_names_cells_by_arm_hash_seed():
+    from studylib.latents import expand_grid
+
+    cells = expand_grid(GRID, ROOT / "params" / "arms", BASE)
+    assert len(cells) == 2 * 2 + 4 * 2 + 1
+    assert len({c.name for c in cells}) == len(cells)
+    rel = [c for c in cells if c.arm == "fixed_rel"]
+    assert {(c.config.expiry_threshold, c.config.expiry_every) for c in rel} == {(0.1, 1), (0.1, 5), (0.3, 1), (0.3, 5)}
+    assert all(c.config.expiry_threshold_kind == "relative" and c.config.init_fix for c in rel)  # from the arm file
+    odd = [c for c in cells if c.config.frames_per_step == 150]
+    assert len(odd) == 1 and odd[0].config.seed == 7 and odd[0].name.endswith("-s7")
+    assert cells[0].variant == "none" and rel[0].variant == "fixed_rel th=0.1 every=1"
+
+
+@pytest.mark.parametrize("grid, message", [
+    ([{"expiry_every": [1]}], "quantizer grid block 0: expected a mapping with an 'arm' key"),
+    ([{"arm": "nope"}], "quantizer grid block 0: arm 'nope' unknown; allowed"),
+    ([{"arm": "vqtorch"}], "arm 'vqtorch' is not our RVQ"),
+    ([{"arm": "fixed_rel", "expiry_every": [0]}], "expiry_every: got 0, allowed an integer >= 1"),
+    ([{"arm": "none", "stepz": 3}], "stepz: unknown key; allowed keys:"),
+])
+def test_grid_errors_name_the_block_or_the_key(grid, message):
+    from studylib.latents import expand_grid
+
+    with pytest.raises(cfglib.ConfigError, match=message):
+        expand_grid(grid, ROOT / "params" / "arms", BASE)
+
+
+def test_run_grid_writes_one_file_per_cell_and_resumes(latents, tmp_path):
+    from studylib.latents import expand_grid, run_grid
+
+    cells = expand_grid(GRID[:1], ROOT / "params" / "arms", BASE)
+    table = run_grid(cells, latents, tmp_path, progress=False)
+    files = sorted((tmp_path / "runs").glob("*.parquet"))
+    assert [f.stem for f in files] == sorted(c.name for c in cells)
+    assert set(table.cell) == {c.name for c in cells} and {"usage_l0", "perplexity_l1", "snr_l1"} <= set(table)
+    eval_rows = table[table.split == "eval"]
+    assert eval_rows.usage_l0.between(0, 1).all() and (eval_rows.usage_l0 > 0).all()
+    # upstream and none: the same numbers but for the replacements counted
+    up, no = (table[(table.arm == a) & (table.seed == 0)].reset_index(drop=True) for a in ("upstream", "none"))
+    same = [c for c in table.columns if c.startswith(("usage", "snr", "perplexity", "used"))]
+    assert up[same].equals(no[same]) and up.filter(like="replaced_total").max().max() > 0
+    stamp = files[0].stat().st_mtime_ns
+    again = run_grid(cells, latents, tmp_path, progress=False)
+    assert files[0].stat().st_mtime_ns == stamp and again.equals(table)
