@@ -36,15 +36,18 @@ corpus-ci: $(STAMP) tools
 corpus: $(STAMP) tools
 	$(BIN)/python -m studylib corpus --profile study
 
-# Until the study runner exists (issue #5), the main job is the quantizer benchmark.
-study: $(STAMP)
-	$(BIN)/python benchmarks/bench_rvq.py --out results/bench_rvq.csv
+# The whole study at one scale: corpus (built if missing), every arm and notebook, HTML reports, index.
+# `make study SCALE=smoke` is a quick look; JOBS=N runs N at a time; GPUS=0,1 dispatches one run per GPU.
+JOBS ?= 1
+GPUS ?=
+study: $(STAMP) tools
+	$(BIN)/studylib study --scale $(SCALE) --jobs $(JOBS) $(if $(GPUS),--gpus $(GPUS))
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check studylib tests benchmarks
+	$(BIN)/ruff check studylib tests benchmarks notebooks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rvq.py --out results/bench_rvq.csv

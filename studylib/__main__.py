@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": ("studylib.evaluate", "cli"),
     "opus": ("studylib.evaluate", "opus_cli"),
     "audit": ("studylib.audit", "cli"),
+    "study": ("studylib.study", "cli"),
 }
 
 

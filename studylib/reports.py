@@ -1,0 +1,237 @@
+"""What the notebooks share: writing tables, figures and JSON to disk, seed statistics, common plots.
+
+Notebooks stay thin: they call studylib for the numbers and these helpers to put every result in a file
+(`results/...`), so nothing lives only in a notebook's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+KBPS_TICKS = (0.75, 1.5, 3.0, 6.0, 12.0, 24.0, 48.0)
+CSV_MAX_ROWS = 5000  # tables up to this size are also written as CSV, for readers without pyarrow
+STYLE = {"dpi": 110, "figsize": (7.5, 4.0)}
+# One colour per arm, the same in every figure of every report.
+ARM_COLORS = {
+    "upstream": "#d62728", "none": "#7f7f7f", "fixed_abs2": "#ff7f0e", "fixed_rel": "#2ca02c",
+    "vqtorch": "#1f77b4", "opus": "#9467bd",
+}
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_table(frame: pd.DataFrame, out_dir: str | Path, name: str) -> Path:
+    """`out_dir/name.parquet` (and `name.csv` when small); returns the parquet path."""
+    out_dir = Path(out_dir)
+    if len(frame) <= CSV_MAX_ROWS:
+        _atomic_write(out_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
+    return _atomic_write(out_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
+
+
+def save_figure(fig: Any, out_dir: str | Path, name: str) -> Path:
+    """`out_dir/name.png`; the figure stays open so the notebook still shows it inline."""
+    return _atomic_write(Path(out_dir) / f"{name}.png",
+                         lambda p: fig.savefig(p, dpi=STYLE["dpi"], bbox_inches="tight", format="png"))
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Pretty JSON, written atomically (NaN -> null)."""
+    text = json.dumps(_jsonable(obj), indent=2, default=str)
+    return _atomic_write(Path(path), lambda p: p.write_text(text + "\n"))
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def setup_plots() -> None:
+    """One look for every report (call once at the top of a notebook)."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    mpl.rcParams.update({"figure.dpi": STYLE["dpi"], "figure.figsize": STYLE["figsize"],
+                         "axes.titlesize": "medium", "legend.fontsize": "small"})
+
+
+# -------------------------------------------------------------------------------------- statistics
+
+
+def t_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the two-sided 95 % Student-t interval (NaN half-width for n < 2)."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size < 2:
+        return float(x.mean()), math.nan
+    return float(x.mean()), float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+
+
+def seed_summary(frame: pd.DataFrame, by: Sequence[str], values: Sequence[str], seed: str = "seed") -> pd.DataFrame:
+    """Mean and 95 % CI over seeds: per-seed means first (items, levels ... pooled), then a t-interval
+    across seeds. Columns: *by, metric, mean, ci95 (half-width, NaN with one seed), n_seeds."""
+    per_seed = frame.groupby([*by, seed], dropna=False)[list(values)].mean().reset_index()
+    rows = []
+    for key, group in per_seed.groupby(list(by), dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for metric in values:
+            mean, half = t_ci95(group[metric].tolist())
+            rows.append({**dict(zip(by, key)), "metric": metric, "mean": mean, "ci95": half,
+                         "n_seeds": int(group[metric].notna().sum())})
+    return pd.DataFrame(rows)
+
+
+def format_ci(mean: float, half: float, digits: int = 2) -> str:
+    """'m ± h' or just 'm' where the interval is undefined."""
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if not np.isfinite(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def level_columns(frame: pd.DataFrame, prefix: str) -> list[str]:
+    """`prefix_l0, prefix_l1, ...` present in `frame`, in level order."""
+    cols = [c for c in frame.columns if c.startswith(f"{prefix}_l") and c[len(prefix) + 2:].isdigit()]
+    return sorted(cols, key=lambda c: int(c[len(prefix) + 2:]))
+
+
+def per_level_long(frame: pd.DataFrame, prefix: str, id_vars: Sequence[str]) -> pd.DataFrame:
+    """Wide `prefix_l{i}` columns -> long rows (id_vars..., level, prefix)."""
+    cols = level_columns(frame, prefix)
+    long = frame[[*id_vars, *cols]].melt(id_vars=list(id_vars), value_vars=cols, var_name="level",
+                                         value_name=prefix)
+    long["level"] = long["level"].str.rsplit("_l", n=1).str[1].astype(int)
+    return long.dropna(subset=[prefix])
+
+
+def arm_color(arm: str) -> str | None:
+    return ARM_COLORS.get(str(arm).split("/")[0])
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def plot_training(metrics: pd.DataFrame, terms: Sequence[str] = ("loss", "mel", "l1", "commit")):
+    """Loss terms over steps, train (thin) and validation (markers), one panel per term."""
+    import matplotlib.pyplot as plt
+
+    terms = [t for t in terms if t in metrics]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3.0), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        for split, style in (("train", {"lw": 1.0}), ("valid", {"marker": "o", "lw": 1.5})):
+            rows = metrics[metrics.split == split].dropna(subset=[term])
+            if len(rows):
+                ax.plot(rows.step, rows[term], label=split, **style)
+        ax.set(title=term, xlabel="step")
+    axes[0][0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_levels(frame: pd.DataFrame, prefix: str, title: str, ax=None, levels: int | None = 8, x: str = "step"):
+    """`prefix_l{i}` per level over `x` (one line per level, darker = deeper)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots()
+    cols = level_columns(frame, prefix)[:levels]
+    cmap = plt.get_cmap("viridis", max(len(cols), 2))
+    for i, col in enumerate(cols):
+        rows = frame.dropna(subset=[col])
+        ax.plot(rows[x], rows[col], color=cmap(i), lw=1.2, label=f"level {col.rsplit('_l', 1)[1]}")
+    ax.set(title=title, xlabel=x)
+    ax.legend(ncol=2, fontsize="x-small")
+    return ax
+
+
+def plot_rate_distortion(items: pd.DataFrame, metric: str, x: str = "nominal_kbps", hue: str = "arm", ax=None,
+                         ci: str = "seed", xscale: str = "log"):
+    """Mean `metric` against bitrate per `hue` (one line each); error bars = 95 % CI over `ci` (seeds, or
+    items when `ci` has a single value). `xscale` "log" falls back to linear where a bitrate is 0 (an
+    entropy bitrate of a collapsed codebook)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots()
+    for name, group in items.dropna(subset=[metric]).groupby(hue, sort=True):
+        by = ci if group[ci].nunique() > 1 else "item"
+        unit = group.groupby([x, by])[metric].mean().reset_index()
+        stats = pd.DataFrame([(kbps, *t_ci95(g[metric].tolist())) for kbps, g in unit.groupby(x)],
+                             columns=[x, "mean", "ci95"])
+        ax.errorbar(stats[x], stats["mean"], yerr=stats["ci95"].fillna(0), marker="o", capsize=3, lw=1.5,
+                    label=str(name), color=arm_color(name))
+    ax.set(xlabel=x.replace("_", " "), ylabel=metric.replace("_", " "))
+    values = items[x].dropna()
+    if xscale == "log" and (values > 0).all():  # EnCodec's bandwidths double: a log axis spaces them evenly
+        from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
+
+        ax.set_xscale("log")
+        ticks = [t for t in KBPS_TICKS if values.min() / 1.5 <= t <= values.max() * 1.5]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize="x-small")
+    return ax
+
+
+def audio_player(path: str | Path, seconds: float | None = 3.0):
+    """An inline player for an audio file, unnormalised (level differences stay audible), first `seconds`."""
+    import soundfile as sf
+    from IPython.display import Audio
+
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    audio = audio[: int(seconds * rate) if seconds else None, 0]
+    return Audio(audio, rate=rate, normalize=False)
+
+
+def audio_table(rows: Sequence[dict], columns: Sequence[str], seconds: float | None = 3.0):
+    """An HTML table of players: one row per example, one column per version; rows hold {column: path}."""
+    from IPython.display import HTML
+
+    head = "".join(f"<th>{html_escape(c)}</th>" for c in ("example", *columns))
+    body = []
+    for row in rows:
+        cells = [f"<td>{html_escape(str(row.get('example', '')))}</td>"]
+        for column in columns:
+            path = row.get(column)
+            cells.append(f"<td>{audio_player(path, seconds)._repr_html_() if path else '–'}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return HTML(f"<table><tr>{head}</tr>{''.join(body)}</table>")
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)

@@ -1,0 +1,555 @@
+"""The study runner: expands params/study.yaml into notebook runs, executes them with papermill, renders
+HTML reports and writes an index page.
+
+    studylib study [--scale smoke|cpu|gpu] [--only NAME ...] [--jobs N] [--gpus 0,1,...]
+
+Every run ("cell") gets a folder under `results/<scale>/`: codec runs `runs/<arm>-<config hash>-s<seed>/`,
+the other notebooks `<notebook>/`. A folder holds `parameters.yaml` (what papermill injected),
+`report.ipynb` (the executed notebook, partial if it failed), `report.html` (rendered without code),
+`papermill.log` and `cell.json` (status, times, error). A cell whose `cell.json` says complete with the
+same parameters is skipped; an interrupted one runs again and resumes (training from its checkpoint, the
+quantizer grid from its finished cells). A failing cell is recorded and the others go on; cells that
+need it are skipped. The command exits 1 if any cell failed, 2 on bad params (before anything runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import html
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from studylib import config as cfglib
+from studylib.reports import read_json, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ("01_bug_anatomy", "02_quantizer_study", "03_train_codec", "04_compare", "05_codebook_audit")
+SCALE_KEYS = ("corpus", "cell_timeout_s", "notebooks", "codec", "quantizer", "anatomy", "audit", "compare")
+CODEC_KEYS = ("arms", "seeds", "nproc_per_node", "evaluate", "set")
+QUANTIZER_KEYS = ("latents_from", "base", "grid")
+FINAL = ("complete", "failed", "skipped", "not selected")
+OFFICIAL_ENCODEC = Path.home() / ".cache" / "torch" / "hub" / "checkpoints" / "encodec_24khz-d7cc33bc.th"
+
+
+class StudyError(cfglib.ConfigError):
+    """Bad study parameters; one line naming the key and what is allowed."""
+
+
+@dataclass
+class Cell:
+    """One notebook execution."""
+
+    name: str  # its folder relative to the scale's results folder, e.g. runs/fixed_rel-1a2b3c4d5e-s0
+    notebook: str
+    parameters: dict[str, Any]
+    needs: tuple[str, ...] = ()
+    arm: str | None = None
+    seed: int | None = None
+    gpus: int = 0  # GPUs it takes when the runner dispatches over --gpus
+    always: bool = False  # re-run even when complete (aggregations over what is on disk)
+
+
+@dataclass
+class StudyPlan:
+    scale: str
+    results: Path  # results/<scale>
+    manifest: Path
+    corpus: str | None  # profile to build when the manifest is missing
+    timeout_s: int
+    cells: list[Cell]
+    selected: set[str]  # names of the cells this invocation runs
+    notebooks: Path = ROOT / "notebooks"  # where <cell.notebook>.ipynb is read from
+
+    def folder(self, cell: Cell) -> Path:
+        return self.results / cell.name
+
+
+@dataclass
+class Outcome:
+    """What `run_study` did: per cell its final status (and error), and the wall time."""
+
+    statuses: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, status in self.statuses.items() if status == "failed"]
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...]) -> dict:
+    if not isinstance(mapping, dict):
+        raise StudyError(f"{where}: expected a mapping, got {mapping!r}")
+    for key in mapping:
+        if key not in allowed:
+            raise StudyError(f"{where}.{key}: unknown key; allowed keys: {', '.join(allowed)}")
+    return mapping
+
+
+def load_study(path: str | Path, scale: str) -> dict:
+    """The settings of one scale from params/study.yaml, keys checked."""
+    data = cfglib.read_overlay(path)
+    scales = _check_keys(str(path), data, ("scales",)).get("scales") or {}
+    if scale not in scales:
+        raise StudyError(f"--scale: got {scale!r}, allowed {sorted(scales)} (from {path})")
+    settings = _check_keys(f"scales.{scale}", scales[scale], SCALE_KEYS)
+    for name in settings.get("notebooks", NOTEBOOKS):
+        if name not in NOTEBOOKS:
+            raise StudyError(f"scales.{scale}.notebooks: {name!r} unknown; allowed {NOTEBOOKS}")
+    _check_keys(f"scales.{scale}.codec", settings.get("codec", {}), CODEC_KEYS)
+    _check_keys(f"scales.{scale}.quantizer", settings.get("quantizer", {}), QUANTIZER_KEYS)
+    return settings
+
+
+def _codec_config(scale_file: Path, arm_file: Path, sets: dict):
+    from studylib.train import TrainConfig
+
+    return cfglib.build(TrainConfig, [cfglib.read_overlay(scale_file), cfglib.read_overlay(arm_file), sets])
+
+
+def plan_study(scale: str, results: str | Path = "results", params: str | Path = ROOT / "params",
+               only: list[str] | None = None, manifest: str | Path | None = None,
+               data: str | Path = "data") -> StudyPlan:
+    """Expand the grid of `scale` into cells and validate every one of them (StudyError otherwise)."""
+    from studylib.latents import expand_grid
+
+    params = Path(params)
+    settings = load_study(params / "study.yaml", scale)
+    scale_file = params / "scales" / f"{scale}.yaml"
+    if not scale_file.is_file():
+        raise StudyError(f"--scale: {scale_file} does not exist")
+    corpus = settings.get("corpus")
+    manifest = Path(manifest) if manifest else Path(data) / str(corpus) / "manifest.csv"
+    results = Path(results) / scale
+    notebooks = settings.get("notebooks", list(NOTEBOOKS))
+    codec = settings.get("codec", {})
+    arms, seeds = codec.get("arms", []), codec.get("seeds", [0])
+    nproc = codec.get("nproc_per_node", 1)
+    if not isinstance(nproc, int) or nproc < 1:
+        raise StudyError(f"scales.{scale}.codec.nproc_per_node: got {nproc!r}, allowed an integer >= 1")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or not seeds:
+        raise StudyError(f"scales.{scale}.codec.seeds: got {seeds!r}, allowed a non-empty list of integers")
+    cells: list[Cell] = []
+    codec_runs: dict[tuple[str, int], Cell] = {}
+
+    if "01_bug_anatomy" in notebooks:
+        cells.append(Cell("01_bug_anatomy", "01_bug_anatomy", dict(settings.get("anatomy") or {})))
+    if "03_train_codec" in notebooks:
+        for arm in arms:
+            arm_file = params / "arms" / f"{arm}.yaml"
+            if not arm_file.is_file():
+                known = sorted(p.stem for p in (params / "arms").glob("*.yaml"))
+                raise StudyError(f"scales.{scale}.codec.arms: {arm!r} unknown; allowed {known}")
+            for seed in seeds:
+                sets = {**(codec.get("set") or {}), "seed": seed, "manifest": str(manifest.resolve()),
+                        "progress": False}
+                cfg = _codec_config(scale_file, arm_file, sets)
+                chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress", "manifest", "seed"))
+                cell = Cell(f"runs/{arm}-{chash}-s{seed}", "03_train_codec", {
+                    "params": [str(scale_file.resolve()), str(arm_file.resolve())],
+                    "overrides": sets, "nproc_per_node": nproc, "evaluate": dict(codec.get("evaluate") or {}),
+                }, arm=arm, seed=seed, gpus=nproc)
+                codec_runs[(arm, seed)] = cell
+                cells.append(cell)
+
+    def codec_run(key: str, arm: str) -> Cell:
+        if (arm, seeds[0]) not in codec_runs:
+            raise StudyError(f"scales.{scale}.{key}: {arm!r} is not among the codec arms {arms}")
+        return codec_runs[(arm, seeds[0])]
+
+    if "02_quantizer_study" in notebooks:
+        q = settings.get("quantizer") or {}
+        source = codec_run("quantizer.latents_from", q.get("latents_from", "fixed_rel"))
+        base, grid = dict(q.get("base") or {}), list(q.get("grid") or [])
+        if not grid:
+            raise StudyError(f"scales.{scale}.quantizer.grid: empty; give at least one block with an 'arm'")
+        expand_grid(grid, params / "arms", base)  # validates every quantizer cell now
+        cells.append(Cell("02_quantizer_study", "02_quantizer_study", {
+            "source_run": source.name, "base": base, "grid": grid, "arms_dir": str((params / "arms").resolve()),
+        }, needs=(source.name,)))
+    if "05_codebook_audit" in notebooks:
+        audit = dict(settings.get("audit") or {})
+        audited = [codec_run("audit.arms", arm) for arm in audit.pop("arms", arms[:1])]
+        cells.append(Cell("05_codebook_audit", "05_codebook_audit", {
+            "runs": [c.name for c in audited], "official": str(OFFICIAL_ENCODEC), **audit,
+        }, needs=tuple(c.name for c in audited)))
+    if "04_compare" in notebooks:
+        compare = {"evaluate": dict(codec.get("evaluate") or {}), **(settings.get("compare") or {})}
+        cells.append(Cell("04_compare", "04_compare", compare,
+                          needs=tuple(c.name for c in cells), always=True))
+
+    common = {"manifest": str(manifest.resolve()), "results_dir": str(results.resolve()), "progress": False}
+    for cell in cells:
+        cell.parameters = {**cell.parameters, **common, "out_dir": str((results / cell.name).resolve())}
+
+    selected = {c.name for c in cells}
+    if only:
+        known = {c.arm for c in cells if c.arm} | {c.notebook for c in cells} | {c.name for c in cells}
+        for name in only:
+            if name not in known:
+                raise StudyError(f"--only: {name!r} matches no run; allowed arms and notebooks {sorted(known)}")
+        selected = {c.name for c in cells if {c.arm, c.notebook, c.name} & set(only) or c.always}
+    timeout = settings.get("cell_timeout_s", 3600)
+    if not isinstance(timeout, int) or timeout < 1:
+        raise StudyError(f"scales.{scale}.cell_timeout_s: got {timeout!r}, allowed an integer >= 1 (seconds)")
+    return StudyPlan(scale, results, manifest, corpus, timeout, cells, selected)
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+def notebook_digest(path: Path) -> str:
+    """Hash of a notebook's cell sources: a report is stale when its notebook's code or text changed."""
+    import hashlib
+
+    cells = json.loads(path.read_text()).get("cells", [])
+    text = "\x00".join("".join(c.get("source", "")) for c in cells)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _is_complete(plan: StudyPlan, cell: Cell) -> bool:
+    """Done before, with the same parameters and the same notebook, and its report is there."""
+    folder = plan.folder(cell)
+    record = read_json(folder / "cell.json")
+    return bool(record and record.get("status") == "complete" and record.get("parameters") == cell.parameters
+                and record.get("notebook_digest") == notebook_digest(plan.notebooks / f"{cell.notebook}.ipynb")
+                and (folder / "report.html").is_file())
+
+
+def _first_error(notebook: Path) -> str | None:
+    """'ename: evalue' of the first error output in an executed notebook."""
+    try:
+        nb = json.loads(notebook.read_text())
+    except (OSError, ValueError):
+        return None
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                return f"{output.get('ename')}: {output.get('evalue')}"[:500]
+    return None
+
+
+def render_html(notebook: Path, out: Path) -> Path:
+    """The executed notebook as HTML without code cells (nbconvert --no-input)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def execute_cell(plan: StudyPlan, cell: Cell, env: dict[str, str] | None = None,
+                 verbose: bool = False) -> tuple[str, str | None]:
+    """Run one cell's notebook with papermill in a subprocess and render it; returns (status, error)."""
+    folder = plan.folder(cell)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"name": cell.name, "notebook": cell.notebook, "arm": cell.arm, "seed": cell.seed,
+              "status": "running", "started": datetime.now(UTC).isoformat(), "parameters": cell.parameters,
+              "notebook_digest": notebook_digest(plan.notebooks / f"{cell.notebook}.ipynb"),
+              "report": "report.html", "executed": "report.ipynb", "log": "papermill.log"}
+    write_json(record, folder / "cell.json")
+    (folder / "parameters.yaml").write_text(yaml.safe_dump(cell.parameters, sort_keys=False))
+    out_nb = folder / "report.ipynb"
+    cmd = [sys.executable, "-m", "papermill", str(plan.notebooks / f"{cell.notebook}.ipynb"), str(out_nb),
+           "-f", str(folder / "parameters.yaml"), "-k", "python3", "--cwd", str(folder),
+           "--execution-timeout", str(plan.timeout_s), "--no-progress-bar", "--log-output"]
+    started = time.perf_counter()
+    with open(folder / "papermill.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=None if verbose else log, stderr=subprocess.STDOUT if not verbose else None,
+                              env=env, cwd=folder)
+    error = None
+    if proc.returncode != 0:
+        error = _first_error(out_nb) or _log_tail(folder / "papermill.log")
+    if out_nb.is_file():
+        try:
+            render_html(out_nb, folder / "report.html")
+        except Exception as e:  # a report that cannot render is a failed cell, not a crashed study
+            error = error or f"rendering report.html failed: {type(e).__name__}: {e}"
+    status = "failed" if error else "complete"
+    record.update(status=status, error=error, finished=datetime.now(UTC).isoformat(),
+                  seconds=round(time.perf_counter() - started, 1))
+    write_json(record, folder / "cell.json")
+    return status, error
+
+
+def _log_tail(path: Path, lines: int = 6) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "papermill failed before writing a log"
+    return " | ".join(text[-lines:])[-500:] or "papermill exited with an error"
+
+
+def _ensure_manifest(plan: StudyPlan, data: Path) -> None:
+    if plan.manifest.is_file():
+        return
+    from studylib.corpus import PROFILES, build_corpus
+
+    if plan.corpus not in PROFILES:
+        raise StudyError(f"manifest {plan.manifest} does not exist; build it with `studylib corpus` or pass --manifest")
+    print(f"studylib study: building the {plan.corpus!r} corpus into {data} (cached for later runs)")
+    build_corpus(plan.corpus, data)
+
+
+def run_study(plan: StudyPlan, jobs: int = 1, gpus: list[int] | None = None, data: str | Path = "data",
+              verbose: bool = False) -> Outcome:
+    """Execute the selected cells of `plan` in dependency order, `jobs` at a time (or one per GPU)."""
+    from tqdm.auto import tqdm
+
+    _ensure_manifest(plan, Path(data))
+    plan.results.mkdir(parents=True, exist_ok=True)
+    outcome, started = Outcome(), time.perf_counter()
+    for cell in plan.cells:
+        complete = _is_complete(plan, cell)
+        if cell.name not in plan.selected:
+            outcome.statuses[cell.name] = "complete" if complete else "not selected"
+        elif complete and not cell.always:
+            outcome.statuses[cell.name] = "complete"
+            print(f"  skip {cell.name}: complete")
+        else:
+            outcome.statuses[cell.name] = "pending"
+    free_gpus = list(gpus or [])
+    workers = max(jobs, len(free_gpus)) if gpus else jobs
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    running: dict[futures.Future, tuple[Cell, list[int]]] = {}
+    todo = [c for c in plan.cells if outcome.statuses[c.name] == "pending"]
+    bar = tqdm(total=len(todo), desc=f"study {plan.scale}", unit="run", dynamic_ncols=True, disable=None)
+
+    def blocked(cell: Cell) -> str | None:
+        if cell.always:  # an aggregation: it reports on whatever its needs left on disk
+            return None
+        for need in cell.needs:
+            status = outcome.statuses[need]
+            if status in ("failed", "skipped", "not selected"):
+                return f"needs {need}, which is {status}"
+        return None
+
+    with futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        while todo or running:
+            for cell in list(todo):
+                reason = blocked(cell)
+                if reason:
+                    todo.remove(cell)
+                    outcome.statuses[cell.name], outcome.errors[cell.name] = "skipped", reason
+                    _record_skip(plan, cell, reason)
+                    bar.update(1)
+                    tqdm.write(f"  skipped {cell.name}: {reason}")
+                    continue
+                ready = all(outcome.statuses[n] in (FINAL if cell.always else ("complete",)) for n in cell.needs)
+                slots = min(cell.gpus, len(gpus)) if gpus else 0
+                if not ready or len(running) >= workers or slots > len(free_gpus):
+                    continue
+                taken = [free_gpus.pop(0) for _ in range(slots)]
+                env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, taken))
+                todo.remove(cell)
+                outcome.statuses[cell.name] = "running"
+                tqdm.write(f"  start {cell.name} ({cell.notebook}); log: {plan.folder(cell) / 'papermill.log'}")
+                running[pool.submit(execute_cell, plan, cell, env, verbose)] = (cell, taken)
+            if not running:
+                if todo:  # nothing can start and nothing runs: a dependency outside the plan
+                    for cell in todo:
+                        outcome.statuses[cell.name] = "skipped"
+                    todo.clear()
+                break
+            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                cell, taken = running.pop(future)
+                free_gpus.extend(taken)
+                try:
+                    status, error = future.result()
+                except Exception as e:  # the runner itself failed on this cell: record it, go on
+                    status, error = "failed", f"{type(e).__name__}: {e}"
+                outcome.statuses[cell.name] = status
+                if error:
+                    outcome.errors[cell.name] = error
+                record = read_json(plan.folder(cell) / "cell.json") or {}
+                bar.update(1)
+                seconds = record.get("seconds", 0)
+                tqdm.write(f"  {status} {cell.name} in {seconds:.0f} s" + (f": {error}" if error else ""))
+    bar.close()
+    outcome.seconds = time.perf_counter() - started
+    summary = {"scale": plan.scale, "finished": datetime.now(UTC).isoformat(), "seconds": round(outcome.seconds, 1),
+               "manifest": str(plan.manifest), "cells": [
+                   {"name": c.name, "notebook": c.notebook, "arm": c.arm, "seed": c.seed,
+                    "status": outcome.statuses[c.name], "error": outcome.errors.get(c.name)} for c in plan.cells]}
+    write_json(summary, plan.results / "study.json")
+    write_index(plan.results.parent)
+    return outcome
+
+
+def _record_skip(plan: StudyPlan, cell: Cell, reason: str) -> None:
+    folder = plan.folder(cell)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json({"name": cell.name, "notebook": cell.notebook, "arm": cell.arm, "seed": cell.seed,
+                "status": "skipped", "error": reason, "parameters": cell.parameters,
+                "finished": datetime.now(UTC).isoformat()}, folder / "cell.json")
+
+
+# ------------------------------------------------------------------------------------------ index
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;width:100%;margin:1em 0}th,td{border-bottom:1px solid #ddd;padding:.35em .6em;
+text-align:left;font-size:.92em}th{background:#f5f5f5}.complete{color:#1a7f37}.failed{color:#cf222e;font-weight:bold}
+.skipped,.running,.pending{color:#9a6700}code{background:#f5f5f5;padding:0 .2em}.err{color:#cf222e;font-size:.85em}"""
+
+
+def write_index(results: str | Path) -> Path:
+    """results/index.html: every scale's runs (status, time, report, error) and the study's headline files."""
+    results = Path(results)
+    sections = []
+    for study_file in sorted(results.glob("*/study.json")):
+        scale_dir = study_file.parent
+        study = read_json(study_file)
+        rows = []
+        for entry in study["cells"]:
+            folder = scale_dir / entry["name"]
+            record = read_json(folder / "cell.json") or {}
+            status = record.get("status", entry["status"])
+            links = [f'<a href="{scale_dir.name}/{entry["name"]}/{f}">{label}</a>'
+                     for f, label in (("report.html", "report"), ("report.ipynb", "notebook"))
+                     if (folder / f).is_file()]
+            error = record.get("error") or entry.get("error")
+            seconds = record.get("seconds")
+            rows.append(
+                f'<tr><td><code>{html.escape(entry["name"])}</code></td><td>{entry["notebook"]}</td>'
+                f'<td>{entry.get("arm") or ""}</td><td>{"" if entry.get("seed") is None else entry["seed"]}</td>'
+                f'<td class="{status}">{status}</td><td>{"" if seconds is None else f"{seconds / 60:.1f} min"}</td>'
+                f'<td>{" · ".join(links)}' + (f'<div class="err">{html.escape(error)}</div>' if error else "")
+                + "</td></tr>")
+        files = [p for pattern in ("04_compare/*.png", "04_compare/*.csv") for p in sorted(scale_dir.glob(pattern))]
+        file_links = " · ".join(f'<a href="{p.relative_to(results).as_posix()}">{p.name}</a>' for p in files)
+        sections.append(
+            f'<h2 id="{scale_dir.name}">Scale <code>{scale_dir.name}</code></h2>'
+            f'<p>{len(study["cells"])} runs, finished {study["finished"][:16].replace("T", " ")} UTC, '
+            f'{study["seconds"] / 60:.1f} min for this invocation. '
+            f'Corpus: <code>{html.escape(study["manifest"])}</code>.'
+            + (f' Start with the <a href="{scale_dir.name}/04_compare/report.html">comparison report</a>.'
+               if (scale_dir / "04_compare" / "report.html").is_file() else "") + "</p>"
+            "<table><tr><th>run</th><th>notebook</th><th>arm</th><th>seed</th><th>status</th><th>time</th>"
+            f'<th>links</th></tr>{"".join(rows)}</table>'
+            + (f"<p>Tables and figures: {file_links}</p>" if file_links else ""))
+    body = "".join(sections) or "<p>No study has run yet: <code>make study</code>.</p>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>EnCodec dead-code expiry study</title>"
+            f"<style>{_CSS}</style></head><body><h1>Does dead-code expiry work in EnCodec?</h1>"
+            "<p>Reports of <code>studylib study</code> (facebookresearch/encodec issue "
+            "<a href='https://github.com/facebookresearch/encodec/issues/61'>#61</a>). Each report is a "
+            "papermill-executed notebook rendered without its code; tables and figures are beside it.</p>"
+            f"{body}</body></html>")
+    out = results / "index.html"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+# ------------------------------------------------------------------------------- notebook helpers
+
+
+def train_run(params: list[str], overrides: dict, run_dir: str | Path, nproc_per_node: int = 1):
+    """Train (or resume) a codec run from a notebook: in this process, or under torchrun with
+    `nproc_per_node` processes (DDP: gloo on CPU, nccl on GPU). Returns the run's metrics table."""
+    import pandas as pd
+
+    from studylib.train import TrainConfig, read_manifest, train
+
+    sets = {**overrides, "run_dir": str(run_dir)}
+    if nproc_per_node == 1:
+        run = train(cfglib.build(TrainConfig, [*(cfglib.read_overlay(p) for p in params), sets]))
+        if run.status != "complete":
+            raise RuntimeError(f"training failed: {(read_manifest(run_dir) or {}).get('error')}")
+        return run.metrics
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node),
+           "-m", "studylib.train", *params]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return pd.read_parquet(Path(run_dir) / "metrics.parquet")
+
+
+def codec_runs(results_dir: str | Path) -> list[dict]:
+    """Every codec run folder under results_dir/runs with its training manifest and cell record."""
+    found = []
+    for manifest_path in sorted(Path(results_dir).glob("runs/*/manifest.json")):
+        folder = manifest_path.parent
+        manifest = json.loads(manifest_path.read_text())
+        cell = read_json(folder / "cell.json") or {}
+        found.append({"run": folder.name, "folder": folder, "arm": cell.get("arm") or folder.name.split("-")[0],
+                      "seed": manifest.get("seed"), "status": manifest.get("status"), "manifest": manifest})
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_gpus(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        gpus = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise StudyError(f"--gpus: got {text!r}, allowed a comma-separated list of GPU indices such as 0,1") from None
+    if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise StudyError(f"--gpus: got {text!r}, allowed distinct GPU indices >= 0 such as 0,1")
+    return gpus
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="studylib study", description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", default="cpu", help="a scale of params/study.yaml: smoke, cpu or gpu (default cpu)")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only these arms / notebooks (others' results are reused)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; CPU threads are shared out)")
+    parser.add_argument("--gpus", help="comma-separated GPU indices: one run per GPU")
+    parser.add_argument("--results", default="results", help="results folder (default results)")
+    parser.add_argument("--params", default=str(ROOT / "params"), help="params folder (default the repo's)")
+    parser.add_argument("--manifest", help="corpus manifest instead of the scale's corpus (e.g. your own audio)")
+    parser.add_argument("--data", default="data", help="where corpora are built and cached (default data)")
+    parser.add_argument("--verbose", action="store_true", help="stream the notebooks' output to the console")
+    args = parser.parse_args(argv)
+    try:
+        if args.jobs < 1:
+            raise StudyError(f"--jobs: got {args.jobs}, allowed an integer >= 1")
+        gpus = _parse_gpus(args.gpus)
+        plan = plan_study(args.scale, args.results, args.params, args.only, args.manifest, args.data)
+    except (cfglib.ConfigError, ValueError) as e:
+        print(f"studylib study: {e}", file=sys.stderr)
+        return 2
+    selected = [c for c in plan.cells if c.name in plan.selected]
+    print(f"studylib study: scale {plan.scale}, {len(selected)} of {len(plan.cells)} runs selected, results in "
+          f"{plan.results}")
+    try:
+        outcome = run_study(plan, args.jobs, gpus, args.data, args.verbose)
+    except StudyError as e:
+        print(f"studylib study: {e}", file=sys.stderr)
+        return 2
+    index = Path(args.results) / "index.html"
+    print(f"studylib study: {len(outcome.failed)} failed, {outcome.seconds / 60:.1f} min; open {index}")
+    for name in outcome.failed:
+        print(f"  FAILED {name}: {outcome.errors.get(name)}", file=sys.stderr)
+    return 1 if outcome.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -1,0 +1,230 @@
+"""The study runner: params grid -> papermill notebooks -> HTML reports and index, on the smoke scale.
+
+The end-to-end test executes every notebook with papermill on params/scales/smoke.yaml (the real `ci` corpus)
+and asserts on the files the runs wrote."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from studylib import study
+
+NOTEBOOK_DIR = ROOT / "notebooks"
+
+
+# ------------------------------------------------------------------------------- committed notebooks
+
+
+@pytest.mark.parametrize("name", study.NOTEBOOKS)
+def test_committed_notebook_is_stripped_and_has_one_parameters_cell(name):
+    nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), f"{name}: outputs committed"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code", f"{name}: needs exactly one 'parameters' cell"
+    # the parameters cell holds assignments only, so papermill's injected cell can override every one
+    for line in tagged[0].source.splitlines():
+        assert not line.strip() or line.lstrip().startswith("#") or re.match(r"^\w+ = ", line) or \
+            line.startswith((" ", "}", "]")), f"{name}: not an assignment: {line!r}"
+    assert nb.metadata.kernelspec.name == "python3"
+
+
+def test_the_notebook_folder_holds_exactly_the_study_notebooks():
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(study.NOTEBOOKS)
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+@pytest.mark.parametrize("scale", ["smoke", "cpu", "gpu"])
+def test_every_scale_expands_into_valid_runs(scale):
+    plan = study.plan_study(scale, results="results")
+    names = [c.name for c in plan.cells]
+    assert len(names) == len(set(names))
+    assert {c.notebook for c in plan.cells} == set(study.NOTEBOOKS)
+    for cell in plan.cells:
+        assert set(cell.needs) <= set(names), cell.name
+        assert cell.parameters["out_dir"] == str((Path("results") / scale / cell.name).resolve())
+    codec = [c for c in plan.cells if c.notebook == "03_train_codec"]
+    assert all(re.fullmatch(rf"runs/{c.arm}-[0-9a-f]{{10}}-s{c.seed}", c.name) for c in codec)
+    assert {c.arm for c in codec} == {"none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch"}
+    compare = next(c for c in plan.cells if c.notebook == "04_compare")
+    assert compare.always and set(compare.needs) == set(names) - {compare.name}
+
+
+def test_only_selects_arms_and_notebooks_and_always_the_comparison():
+    plan = study.plan_study("smoke", only=["fixed_rel", "05_codebook_audit"])
+    chosen = {c.notebook if c.notebook != "03_train_codec" else c.arm for c in plan.cells if c.name in plan.selected}
+    assert chosen == {"fixed_rel", "05_codebook_audit", "04_compare"}
+
+
+def _params_copy(tmp_path: Path, edit) -> Path:
+    params = tmp_path / "params"
+    shutil.copytree(ROOT / "params", params)
+    text = (params / "study.yaml").read_text()
+    (params / "study.yaml").write_text(edit(text))
+    return params
+
+
+@pytest.mark.parametrize(
+    "edit, args, message",
+    [
+        (None, ["--scale", "huge"], "--scale: got 'huge', allowed ['cpu', 'gpu', 'smoke']"),
+        (None, ["--only", "fixed"], "--only: 'fixed' matches no run"),
+        (None, ["--jobs", "0"], "--jobs: got 0, allowed an integer >= 1"),
+        (None, ["--gpus", "0,x"], "--gpus: got '0,x', allowed a comma-separated list"),
+        (lambda t: t.replace("cell_timeout_s: 900", "cell_timout_s: 900"), [],
+         "scales.smoke.cell_timout_s: unknown key; allowed keys: corpus, cell_timeout_s"),
+        (lambda t: t.replace("arms: [none, upstream, fixed_abs2, fixed_rel, vqtorch]\n      seeds: [0]\n      "
+                             "evaluate: {per_kind: 3", "arms: [none, fixd]\n      seeds: [0]\n      "
+                             "evaluate: {per_kind: 3", 1), [], "scales.smoke.codec.arms: 'fixd' unknown; allowed"),
+        (lambda t: t.replace("expiry_every: [1, 5]}", "expiry_every: [0, 5]}", 1), [],
+         "expiry_every: got 0, allowed an integer >= 1"),
+        (lambda t: t.replace("kmeans_iters: 5, eval_frames", "kmeans_iters: 5, eval_frame", 1), [],
+         "eval_frame: unknown key; allowed keys:"),
+        (lambda t: t.replace("latents_from: fixed_rel", "latents_from: vqtorch2", 1), [],
+         "scales.smoke.quantizer.latents_from: 'vqtorch2' is not among the codec arms"),
+    ],
+)
+def test_bad_params_are_one_line_errors_before_anything_runs(tmp_path, capsys, edit, args, message):
+    params = _params_copy(tmp_path, edit) if edit else ROOT / "params"
+    results = tmp_path / "results"
+    code = study.cli(["--scale", "smoke", "--results", str(results), "--params", str(params),
+                      "--data", str(tmp_path / "data"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("studylib study: ") and message in err, err
+    assert len(err.splitlines()) == 1
+    assert not results.exists() and not (tmp_path / "data").exists()
+
+
+# ------------------------------------------------------------------------- failures and skipping
+
+
+def _notebook(path: Path, source: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('out_dir = "."\nmarker = "x"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(source)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_a_failing_run_is_recorded_its_dependents_skipped_and_the_others_go_on(tmp_path):
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    _notebook(books / "ok.ipynb", "from pathlib import Path\nPath(out_dir, 'done.txt').write_text(marker)\n"
+                                  "import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()")
+    _notebook(books / "boom.ipynb", "raise ValueError('boom at ' + marker)")
+    results = tmp_path / "results" / "t"
+    cells = [study.Cell("boom", "boom", {"marker": "1"}), study.Cell("ok", "ok", {"marker": "2"}),
+             study.Cell("after", "ok", {"marker": "3"}, needs=("boom",)),
+             study.Cell("agg", "ok", {"marker": "4"}, needs=("boom", "ok"), always=True)]
+    for cell in cells:
+        cell.parameters["out_dir"] = str(results / cell.name)
+    plan = study.StudyPlan("t", results, tmp_path / "manifest.csv", None, 120, cells, {c.name for c in cells},
+                           notebooks=books)
+    plan.manifest.write_text("")  # exists: no corpus to build
+    outcome = study.run_study(plan)
+    assert outcome.statuses == {"boom": "failed", "ok": "complete", "after": "skipped", "agg": "complete"}
+    assert outcome.failed == ["boom"] and outcome.errors["boom"] == "ValueError: boom at 1"
+    assert "needs boom, which is failed" in outcome.errors["after"]
+    record = json.loads((results / "boom" / "cell.json").read_text())
+    assert record["status"] == "failed" and record["error"] == "ValueError: boom at 1"
+    assert (results / "boom" / "report.html").is_file(), "the partial notebook is rendered for reading"
+    assert (results / "ok" / "done.txt").read_text() == "2" and (results / "agg" / "done.txt").read_text() == "4"
+    page = (tmp_path / "results" / "index.html").read_text()
+    assert "boom at 1" in page and 'href="t/boom/report.html"' in page
+    # run again: complete cells are skipped, the failed one runs again, the aggregation always runs
+    started = {name: json.loads((results / name / "cell.json").read_text())["started"] for name in ("ok", "agg")}
+    again = study.run_study(plan)
+    assert again.statuses["boom"] == "failed" and again.statuses["ok"] == "complete"
+    assert json.loads((results / "ok" / "cell.json").read_text())["started"] == started["ok"]
+    assert json.loads((results / "agg" / "cell.json").read_text())["started"] != started["agg"]
+
+
+# --------------------------------------------------------------------------------- the smoke study
+
+
+@pytest.fixture(scope="module")
+def smoke_study(ci_data, tmp_path_factory) -> Path:
+    results = tmp_path_factory.mktemp("results")
+    code = study.cli(["--scale", "smoke", "--results", str(results), "--data", str(ci_data)])
+    assert code == 0, (results / "smoke" / "study.json").read_text()
+    return results
+
+
+def _hrefs(page: Path) -> list[str]:
+    return re.findall(r'href="([^"#]+)"', page.read_text())
+
+
+def test_smoke_study_runs_every_notebook_and_renders_every_report(smoke_study):
+    summary = json.loads((smoke_study / "smoke" / "study.json").read_text())
+    assert {c["status"] for c in summary["cells"]} == {"complete"}
+    assert {c["notebook"] for c in summary["cells"]} == set(study.NOTEBOOKS)
+    for cell in summary["cells"]:
+        folder = smoke_study / "smoke" / cell["name"]
+        page = (folder / "report.html").read_text()
+        assert page.count('<img src="data:image/png') >= 1, f"{cell['name']}: no figure in the report"
+        assert "Traceback" not in page and 'class="jp-InputArea' not in page, cell["name"]
+        assert json.loads((folder / "cell.json").read_text())["status"] == "complete"
+        assert list(folder.glob("*.png")), f"{cell['name']}: figures must also be files"
+        assert (folder / "summary.json").is_file(), cell["name"]
+    codec_pages = [smoke_study / "smoke" / c["name"] / "report.html" for c in summary["cells"]
+                   if c["notebook"] == "03_train_codec"]
+    assert all("<audio" in p.read_text() for p in codec_pages)
+    assert "<audio" in (smoke_study / "smoke" / "04_compare" / "report.html").read_text()
+
+
+def test_index_links_every_report_and_every_link_resolves(smoke_study):
+    index = smoke_study / "index.html"
+    links = _hrefs(index)
+    local = [h for h in links if not h.startswith("http")]
+    missing = [h for h in local if not (index.parent / h).is_file()]
+    assert local and not missing, missing
+    for name in study.NOTEBOOKS[:2] + study.NOTEBOOKS[3:]:
+        assert f"smoke/{name}/report.html" in links
+    assert sum("smoke/runs/" in h and h.endswith("report.html") for h in links) == 5
+
+
+def test_smoke_study_writes_tidy_tables(smoke_study):
+    root = smoke_study / "smoke"
+    for run in root.glob("runs/*"):
+        metrics = pd.read_parquet(run / "metrics.parquet")
+        assert {"step", "split", "loss", "mel", "l1", "commit", "used_l0", "perplexity_l0", "dead_l0",
+                "replaced_l0", "dead_now_l0", "replaced_total_l0"} <= set(metrics.columns)
+        items = pd.read_parquet(run / "eval_test.parquet")
+        assert {"item", "kind", "bandwidth", "nominal_kbps", "si_sdr", "mel_distance", "visqol_audio"} <= set(items)
+        assert set(items.kind) == {"speech", "music"} and items.groupby("bandwidth").size().eq(6).all()
+    runs = pd.read_parquet(root / "02_quantizer_study" / "quantizer_runs.parquet")
+    assert {"cell", "arm", "variant", "seed", "frames_per_step", "step", "split", "usage_l0", "snr_l1",
+            "replaced_total_l0"} <= set(runs.columns)
+    assert runs.cell.nunique() == 18 and set(runs.frames_per_step) == {600, 1200}
+    summary = pd.read_csv(root / "04_compare" / "codec_summary.csv")
+    assert {"arm", "kbps", "si_sdr", "si_sdr_ci95", "mel_distance", "usage", "perplexity", "ci_over"} <= set(summary)
+    assert {"upstream", "none", "fixed_abs2", "fixed_rel", "vqtorch"} <= set(summary.arm)
+    audit = pd.read_csv(root / "05_codebook_audit" / "audit.csv")
+    assert {"checkpoint", "level", "sum", "below", "dead_floor", "eval_usage"} <= set(audit)
+
+
+def test_the_headline_holds_in_the_smoke_study(smoke_study):
+    root = smoke_study / "smoke"
+    assert json.loads((root / "02_quantizer_study" / "summary.json").read_text())["upstream_identical_to_none"]
+    assert json.loads((root / "04_compare" / "summary.json").read_text())["upstream_identical_to_none"]
+
+
+def test_a_second_invocation_skips_complete_runs(smoke_study, ci_data):
+    root = smoke_study / "smoke"
+    stamps = {p.parent.name: json.loads(p.read_text())["started"] for p in root.glob("runs/*/cell.json")}
+    assert study.cli(["--scale", "smoke", "--results", str(smoke_study), "--data", str(ci_data),
+                      "--only", "fixed_rel"]) == 0
+    assert stamps == {p.parent.name: json.loads(p.read_text())["started"] for p in root.glob("runs/*/cell.json")}
