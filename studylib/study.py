@@ -133,7 +133,7 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
         raise StudyError(f"--scale: {scale_file} does not exist")
     corpus = settings.get("corpus")
     manifest = Path(manifest) if manifest else Path(data) / str(corpus) / "manifest.csv"
-    results = Path(results) / scale
+    results = Path(results).resolve() / scale
     notebooks = settings.get("notebooks", list(NOTEBOOKS))
     codec = settings.get("codec", {})
     arms, seeds = codec.get("arms", []), codec.get("seeds", [0])

@@ -50,7 +50,7 @@ def test_every_scale_expands_into_valid_runs(scale):
     plan = study.plan_study(scale, results="results")
     names = [c.name for c in plan.cells]
     assert len(names) == len(set(names))
-    assert {c.notebook for c in plan.cells} == set(study.NOTEBOOKS)
+    assert {c.notebook for c in plan.cells} == set(study.NOTEBOOKS) and plan.results.is_absolute()
     for cell in plan.cells:
         assert set(cell.needs) <= set(names), cell.name
         assert cell.parameters["out_dir"] == str((Path("results") / scale / cell.name).resolve())
@@ -152,6 +152,29 @@ def test_a_failing_run_is_recorded_its_dependents_skipped_and_the_others_go_on(t
     assert json.loads((results / "agg" / "cell.json").read_text())["started"] != started["agg"]
 
 
+def test_gpus_dispatch_one_run_per_gpu_and_ddp_runs_take_several(tmp_path):
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    _notebook(books / "env.ipynb", "import os, time\nfrom pathlib import Path\n"
+                                   "Path(out_dir, 'gpus.txt').write_text(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))\n"
+                                   "Path(out_dir, 'threads.txt').write_text(os.environ['OMP_NUM_THREADS'])")
+    results = tmp_path / "results" / "g"
+    cells = [study.Cell("a", "env", {}, gpus=1), study.Cell("b", "env", {}, gpus=1),
+             study.Cell("ddp", "env", {}, needs=("a", "b"), gpus=2), study.Cell("cpu", "env", {}, needs=("ddp",))]
+    for cell in cells:
+        cell.parameters["out_dir"] = str(results / cell.name)
+    plan = study.StudyPlan("g", results, tmp_path / "manifest.csv", None, 120, cells, {c.name for c in cells},
+                           notebooks=books)
+    plan.manifest.write_text("")
+    assert set(study.run_study(plan, jobs=1, gpus=[3, 5]).statuses.values()) == {"complete"}
+    seen = {c.name: (results / c.name / "gpus.txt").read_text() for c in cells}
+    assert {seen["a"], seen["b"]} == {"3", "5"} and seen["ddp"] in ("3,5", "5,3") and seen["cpu"] == ""
+    # two workers share the cores: each gets its part of them as torch threads
+    import os
+
+    assert (results / "a" / "threads.txt").read_text() == str(max(1, (os.cpu_count() or 1) // 2))
+
+
 # --------------------------------------------------------------------------------- the smoke study
 
 
@@ -228,3 +251,20 @@ def test_a_second_invocation_skips_complete_runs(smoke_study, ci_data):
     assert study.cli(["--scale", "smoke", "--results", str(smoke_study), "--data", str(ci_data),
                       "--only", "fixed_rel"]) == 0
     assert stamps == {p.parent.name: json.loads(p.read_text())["started"] for p in root.glob("runs/*/cell.json")}
+
+
+@pytest.mark.slow
+def test_train_run_goes_through_torchrun_when_ddp_is_asked(synthetic_manifest, tmp_path):
+    import torch
+    from conftest import SMOKE
+
+    run_dir = tmp_path / "ddp"
+    overrides = {"manifest": str(synthetic_manifest), "progress": False, "steps": 10, "expiry_mode": "fixed",
+                 "expiry_threshold": 1.0, "ddp_buffers": "none", "bandwidths": [1.5, 3.0]}
+    metrics = study.train_run([str(SMOKE)], overrides, run_dir, nproc_per_node=2)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["status"] == "complete"
+    assert manifest["config"]["bandwidths"] == [1.5, 3.0] and metrics.step.max() == 10
+    ranks = [torch.load(run_dir / f"rank{r}_codebooks.pt") for r in (0, 1)]
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key
