@@ -101,11 +101,13 @@ class LatentRunConfig(QuantizerFields):
 
 
 def latent_eval(rvq: ResidualVectorQuantizer, latents: torch.Tensor, frame_rate: float) -> dict[str, float]:
-    """On held-out frames `latents` [N, D], per level l: quantization SNR after levels 0..l (dB,
-    10 log10(|x|^2 / |x - x_hat_l|^2)), usage (fraction of codes used at least once) and perplexity."""
+    """On held-out frames `latents` [N, D], per level l: quantization SNR after levels 0..l in dB against
+    the latents' variance, 10 log10(|x - mean|^2 / |x - x_hat_l|^2) (0 dB: no better than the mean frame;
+    an encoder's latents can carry a large constant offset, which plain |x|^2 would count as signal),
+    usage (fraction of codes used at least once) and perplexity."""
     x = latents.t()[None]  # [1, D, N]
     codes = rvq.encode(x, frame_rate)  # [n_q, 1, N]
-    residual, energy, out = x, x.square().sum(), {}
+    residual, energy, out = x, (x - x.mean(-1, keepdim=True)).square().sum(), {}
     for level, (layer, level_codes) in enumerate(zip(rvq.vq.layers, codes)):
         residual = residual - layer.decode(level_codes)
         out[f"snr_l{level}"] = float(10 * torch.log10(energy / residual.square().sum().clamp_min(1e-20)))
@@ -113,12 +115,6 @@ def latent_eval(rvq: ResidualVectorQuantizer, latents: torch.Tensor, frame_rate:
     for row in use.itertuples():
         out[f"usage_l{row.level}"], out[f"perplexity_l{row.level}"] = float(row.usage), float(row.perplexity)
     return out
-
-
-def latent_snr(rvq: ResidualVectorQuantizer, latents: torch.Tensor, frame_rate: float) -> list[float]:
-    """Quantization SNR (dB) after levels 1..n_q on `latents` [N, D] (see `latent_eval`)."""
-    found = latent_eval(rvq, latents, frame_rate)
-    return [found[f"snr_l{level}"] for level in range(rvq.n_q)]
 
 
 def train_on_latents(cfg: LatentRunConfig, train: torch.Tensor, evaluate: torch.Tensor | None = None,

@@ -112,3 +112,21 @@ def test_run_grid_writes_one_file_per_cell_and_resumes(latents, tmp_path):
     stamp = files[0].stat().st_mtime_ns
     again = run_grid(cells, latents, tmp_path, progress=False)
     assert files[0].stat().st_mtime_ns == stamp and again.equals(table)
+
+
+def test_latent_snr_is_measured_against_the_variance_not_a_constant_offset(latents):
+    from studylib.latents import latent_eval
+
+    cfg = cfglib.build(LatentRunConfig, [{"n_q": 2, "bins": 64, "frames_per_step": 150, "steps": 5,
+                                          "kmeans_iters": 3, "expiry_mode": "none"}])
+    _, rvq = train_on_latents(cfg, latents.frames["train"], progress=False)
+    x = latents.frames["valid"][:500]
+    found = latent_eval(rvq.eval(), x, 75.0)
+    recon = rvq.decode(rvq.encode(x.t()[None], 75.0)[:1])[0].t()
+    expected = 10 * torch.log10((x - x.mean(0)).square().sum() / (x - recon).square().sum())
+    assert found["snr_l0"] == pytest.approx(float(expected), abs=1e-3)
+    for cb in rvq.codebooks[:1]:  # shift data and level-0 codes alike: same codes, same error, same SNR
+        cb.embed += 5.0
+    shifted = latent_eval(rvq, x + 5.0, 75.0)  # plain |x|^2 would count the offset as signal
+    assert shifted["snr_l0"] == pytest.approx(found["snr_l0"], abs=1e-2)
+    assert 0 <= found["usage_l0"] <= 1 and found["perplexity_l0"] >= 1
