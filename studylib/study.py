@@ -425,9 +425,9 @@ def write_index(results: str | Path) -> Path:
             folder = scale_dir / entry["name"]
             record = read_json(folder / "cell.json") or {}
             status = record.get("status", entry["status"])
-            links = [f'<a href="{scale_dir.name}/{entry["name"]}/{f}">{label}</a>'
-                     for f, label in (("report.html", "report"), ("report.ipynb", "notebook"))
-                     if (folder / f).is_file()]
+            # the report only: executed notebooks stay out of git, so a committed index must not link them
+            links = [f'<a href="{scale_dir.name}/{entry["name"]}/report.html">report</a>'] \
+                if (folder / "report.html").is_file() else []
             error = record.get("error") or entry.get("error")
             seconds = record.get("seconds")
             rows.append(

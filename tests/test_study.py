@@ -214,6 +214,8 @@ def test_index_links_every_report_and_every_link_resolves(smoke_study):
     local = [h for h in links if not h.startswith("http")]
     missing = [h for h in local if not (index.parent / h).is_file()]
     assert local and not missing, missing
+    # what git ignores (executed notebooks, logs, checkpoints) must not be linked from a committed index
+    assert not [h for h in local if h.endswith((".ipynb", ".log", ".pt"))]
     for name in study.NOTEBOOKS[:2] + study.NOTEBOOKS[3:]:
         assert f"smoke/{name}/report.html" in links
     assert sum("smoke/runs/" in h and h.endswith("report.html") for h in links) == 5
