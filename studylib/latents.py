@@ -10,6 +10,7 @@ study is about (usage, dead codes, replacements) for thousands of steps in minut
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -25,6 +26,7 @@ from studylib import config as cfglib
 from studylib.corpus import SPLITS, load_manifest
 from studylib.metrics import utilization
 from studylib.quantization import ResidualVectorQuantizer
+from studylib.reports import atomic_write
 from studylib.train import QuantizerFields, load_checkpoint
 
 
@@ -224,9 +226,7 @@ def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progr
             metrics, _ = train_on_latents(cell.config, latents.frames["train"], latents.frames.get("valid"),
                                           latents.frame_rate, progress=False)
             tagged = metrics.assign(**cell.describe())
-            tmp = path.with_suffix(".tmp")
-            tagged.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
+            atomic_write(path, functools.partial(tagged.to_parquet, index=False))
         frames.append(pd.read_parquet(path))
     return pd.concat(frames, ignore_index=True)
 

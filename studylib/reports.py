@@ -6,6 +6,7 @@ Notebooks stay thin: they call studylib for the numbers and these helpers to put
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -26,7 +27,8 @@ ARM_COLORS = {
 }
 
 
-def _atomic_write(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
+    """`write(tmp)` then rename over `path`: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
@@ -38,20 +40,20 @@ def save_table(frame: pd.DataFrame, out_dir: str | Path, name: str) -> Path:
     """`out_dir/name.parquet` (and `name.csv` when small); returns the parquet path."""
     out_dir = Path(out_dir)
     if len(frame) <= CSV_MAX_ROWS:
-        _atomic_write(out_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
-    return _atomic_write(out_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
+        atomic_write(out_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
+    return atomic_write(out_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
 
 
 def save_figure(fig: Any, out_dir: str | Path, name: str) -> Path:
     """`out_dir/name.png`; the figure stays open so the notebook still shows it inline."""
-    return _atomic_write(Path(out_dir) / f"{name}.png",
+    return atomic_write(Path(out_dir) / f"{name}.png",
                          lambda p: fig.savefig(p, dpi=STYLE["dpi"], bbox_inches="tight", format="png"))
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
     """Pretty JSON, written atomically (NaN -> null)."""
     text = json.dumps(_jsonable(obj), indent=2, default=str)
-    return _atomic_write(Path(path), lambda p: p.write_text(text + "\n"))
+    return atomic_write(Path(path), lambda p: p.write_text(text + "\n"))
 
 
 def read_json(path: str | Path) -> Any:
@@ -137,7 +139,8 @@ def per_level_long(frame: pd.DataFrame, prefix: str, id_vars: Sequence[str]) -> 
 
 
 def arm_color(arm: str) -> str | None:
-    return ARM_COLORS.get(str(arm).split("/")[0])
+    """The arm's colour; a variant label ("fixed_rel th=0.1 every=5") takes its arm's."""
+    return ARM_COLORS.get(str(arm).split()[0])
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -227,18 +230,13 @@ def audio_table(rows: Sequence[dict], columns: Sequence[str], seconds: float | N
     """An HTML table of players: one row per example, one column per version; rows hold {column: path}."""
     from IPython.display import HTML
 
-    head = "".join(f"<th>{html_escape(c)}</th>" for c in ("example", *columns))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("example", *columns))
     body = []
     for row in rows:
-        cells = [f"<td>{html_escape(str(row.get('example', '')))}</td>"]
+        cells = [f"<td>{html.escape(str(row.get('example', '')))}</td>"]
         for column in columns:
             path = row.get(column)
             cells.append(f"<td>{audio_player(path, seconds)._repr_html_() if path else '–'}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     return HTML(f"<table><tr>{head}</tr>{''.join(body)}</table>")
 
-
-def html_escape(text: str) -> str:
-    import html
-
-    return html.escape(text)

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from studylib import config as cfglib
-from studylib.reports import read_json, write_json
+from studylib.reports import atomic_write, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_bug_anatomy", "02_quantizer_study", "03_train_codec", "04_compare", "05_codebook_audit")
@@ -72,6 +72,9 @@ class StudyPlan:
 
     def folder(self, cell: Cell) -> Path:
         return self.results / cell.name
+
+    def notebook_path(self, cell: Cell) -> Path:
+        return self.notebooks / f"{cell.notebook}.ipynb"
 
 
 @dataclass
@@ -225,7 +228,7 @@ def _is_complete(plan: StudyPlan, cell: Cell) -> bool:
     folder = plan.folder(cell)
     record = read_json(folder / "cell.json")
     return bool(record and record.get("status") == "complete" and record.get("parameters") == cell.parameters
-                and record.get("notebook_digest") == notebook_digest(plan.notebooks / f"{cell.notebook}.ipynb")
+                and record.get("notebook_digest") == notebook_digest(plan.notebook_path(cell))
                 and (folder / "report.html").is_file())
 
 
@@ -249,25 +252,20 @@ def render_html(notebook: Path, out: Path) -> Path:
 
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda p: p.write_text(body, encoding="utf-8"))
 
 
 def execute_cell(plan: StudyPlan, cell: Cell, env: dict[str, str] | None = None,
                  verbose: bool = False) -> tuple[str, str | None]:
     """Run one cell's notebook with papermill in a subprocess and render it; returns (status, error)."""
     folder = plan.folder(cell)
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {"name": cell.name, "notebook": cell.notebook, "arm": cell.arm, "seed": cell.seed,
-              "status": "running", "started": datetime.now(UTC).isoformat(), "parameters": cell.parameters,
-              "notebook_digest": notebook_digest(plan.notebooks / f"{cell.notebook}.ipynb"),
-              "report": "report.html", "executed": "report.ipynb", "log": "papermill.log"}
+    record = _record(cell, status="running", started=datetime.now(UTC).isoformat(),
+                     notebook_digest=notebook_digest(plan.notebook_path(cell)), report="report.html",
+                     executed="report.ipynb", log="papermill.log")
     write_json(record, folder / "cell.json")
     (folder / "parameters.yaml").write_text(yaml.safe_dump(cell.parameters, sort_keys=False))
     out_nb = folder / "report.ipynb"
-    cmd = [sys.executable, "-m", "papermill", str(plan.notebooks / f"{cell.notebook}.ipynb"), str(out_nb),
+    cmd = [sys.executable, "-m", "papermill", str(plan.notebook_path(cell)), str(out_nb),
            "-f", str(folder / "parameters.yaml"), "-k", "python3", "--cwd", str(folder),
            "--execution-timeout", str(plan.timeout_s), "--no-progress-bar", "--log-output"]
     started = time.perf_counter()
@@ -396,12 +394,15 @@ def run_study(plan: StudyPlan, jobs: int = 1, gpus: list[int] | None = None, dat
     return outcome
 
 
+def _record(cell: Cell, **fields) -> dict:
+    """A cell's `cell.json`: who it is, its parameters, and `fields` (status, times, error...)."""
+    return {"name": cell.name, "notebook": cell.notebook, "arm": cell.arm, "seed": cell.seed,
+            "parameters": cell.parameters, **fields}
+
+
 def _record_skip(plan: StudyPlan, cell: Cell, reason: str) -> None:
-    folder = plan.folder(cell)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json({"name": cell.name, "notebook": cell.notebook, "arm": cell.arm, "seed": cell.seed,
-                "status": "skipped", "error": reason, "parameters": cell.parameters,
-                "finished": datetime.now(UTC).isoformat()}, folder / "cell.json")
+    write_json(_record(cell, status="skipped", error=reason, finished=datetime.now(UTC).isoformat()),
+               plan.folder(cell) / "cell.json")
 
 
 # ------------------------------------------------------------------------------------------ index
@@ -455,11 +456,7 @@ def write_index(results: str | Path) -> Path:
             "<a href='https://github.com/facebookresearch/encodec/issues/61'>#61</a>). Each report is a "
             "papermill-executed notebook rendered without its code; tables and figures are beside it.</p>"
             f"{body}</body></html>")
-    out = results / "index.html"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(results / "index.html", lambda p: p.write_text(page, encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------- notebook helpers
@@ -533,7 +530,7 @@ def cli(argv: list[str]) -> int:
             raise StudyError(f"--jobs: got {args.jobs}, allowed an integer >= 1")
         gpus = _parse_gpus(args.gpus)
         plan = plan_study(args.scale, args.results, args.params, args.only, args.manifest, args.data)
-    except (cfglib.ConfigError, ValueError) as e:
+    except ValueError as e:  # ConfigError and StudyError are ValueErrors
         print(f"studylib study: {e}", file=sys.stderr)
         return 2
     selected = [c for c in plan.cells if c.name in plan.selected]
