@@ -29,6 +29,9 @@ from studylib.quantization import ExpiryConfig, ResidualVectorQuantizer
 NORMS = ("weight_norm", "none")
 QUANTIZERS = ("ours", "vqtorch")
 PAD_MODES = ("reflect", "constant", "replicate")
+# "pytorch": every kernel as PyTorch draws it (EnCodec's models); "unit_gain": zero biases and kernels of
+# variance 1 / fan_in, so a fresh codec's latent and output follow its input (see `unit_gain_init_`).
+INITS = ("pytorch", "unit_gain")
 
 
 def _is_int(v: object) -> bool:
@@ -71,6 +74,7 @@ class CodecConfig:
     # "vqtorch": the peer arm (studylib.peer), vector-quantize-pytorch's ResidualVQ with its own expiry at
     # expiry.threshold (absolute); the other expiry fields and init_fix do not apply to it.
     quantizer: str = "ours"
+    init: str = "pytorch"  # INITS; the CPU presets (small, tiny) start with "unit_gain"
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience but stored as tuples so the config stays hashable.
@@ -108,6 +112,8 @@ class CodecConfig:
             raise ValueError(f"expiry: got {self.expiry!r}, allowed an ExpiryConfig")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer: got {self.quantizer!r}, allowed {QUANTIZERS}")
+        if self.init not in INITS:
+            raise ValueError(f"init: got {self.init!r}, allowed {INITS}")
         if self.quantizer == "vqtorch" and self.expiry.threshold_kind != "absolute":
             raise ValueError("expiry: the vqtorch quantizer allows only an absolute threshold (its own expiry)")
         per_q = self.bandwidth_per_quantizer
@@ -144,14 +150,15 @@ class CodecConfig:
 
     @classmethod
     def small(cls) -> CodecConfig:
-        """CPU-sized SEANet around the study's full quantizer (32 levels of K=1024, D=128)."""
-        return cls(n_filters=8, lstm_layers=1)
+        """CPU-sized SEANet around the study's full quantizer (32 levels of K=1024, D=128), with a start
+        that carries the signal (`init="unit_gain"`)."""
+        return cls(n_filters=8, lstm_layers=1, init="unit_gain")
 
     @classmethod
     def tiny(cls) -> CodecConfig:
         """Smoke tests only: narrow network, 4 short-initialised levels."""
         return cls(n_filters=4, lstm_layers=1, dimension=32, n_q=4, kmeans_iters=5,
-                   target_bandwidths=(1.5, 3.0))
+                   target_bandwidths=(1.5, 3.0), init="unit_gain")
 
 
 # ------------------------------------------------------------------------------------- convolutions
@@ -241,6 +248,26 @@ class StreamableConvTranspose1d(_Kernel):
         padding = self.kernel_size - self.stride
         left = 0 if self.causal else padding - padding // 2
         return y[..., left : y.shape[-1] - (padding - left)]
+
+
+@torch.no_grad()
+def unit_gain_init_(model: nn.Module) -> nn.Module:
+    """Zero every conv bias and scale every kernel to variance 1 / fan_in, in place.
+
+    Why: PyTorch draws conv kernels from kaiming_uniform(a=sqrt(5)), variance 1 / (3 fan_in), so each conv
+    passes ~1/sqrt(3) of its input's scale on, and draws biases of the same size as a unit-scale signal's
+    output. Through SEANet's 16 layers the input-dependent part shrinks ~230x by the latent while the
+    biases add a constant that does not: every input gets the same latent, the first k-means sees one
+    point repeated, and the decoder's output is the same for every input (measured: `recipe.signal_trace`).
+    Multiplying the kernels by sqrt(3) (``weight_g`` under weight norm, so directions stay PyTorch's draw)
+    and zeroing biases keeps the signal's scale from input to latent to output. The LSTMs keep PyTorch's
+    init: their skip connection carries the signal past them.
+    """
+    for module in model.modules():
+        if isinstance(module, _Kernel):
+            module.bias.zero_()
+            (module.weight_g if module.weight_norm else module.weight).mul_(math.sqrt(3))
+    return model
 
 
 # ------------------------------------------------------------------------------------------- blocks
@@ -405,6 +432,9 @@ class Codec(nn.Module):
                 generator=generator, init_fix=config.init_fix,
             )
         self.decoder = SEANetDecoder(config)
+        if config.init == "unit_gain":
+            unit_gain_init_(self.encoder)
+            unit_gain_init_(self.decoder)
 
     @classmethod
     def from_encodec(cls, state_dict: Mapping[str, torch.Tensor], config: CodecConfig | None = None) -> Codec:

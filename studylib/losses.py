@@ -39,3 +39,118 @@ class MultiScaleMelLoss(nn.Module):
             log_diff = torch.log10(s_est.clamp_min(1e-5)) - torch.log10(s_ref.clamp_min(1e-5))
             total = total + (s_est - s_ref).abs().mean() + log_diff.abs().mean()
         return total / len(self.mels)
+
+
+def neg_si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean over items of -SI-SDR in dB, [B, C, T] -> scalar: a waveform term that ignores gain.
+
+    Differentiable twin of `studylib.metrics.si_sdr` (which is float64 and eps-per-dtype for scoring)."""
+    est = estimate.float() - estimate.float().mean(-1, keepdim=True)
+    ref = reference.float() - reference.float().mean(-1, keepdim=True)
+    alpha = (est * ref).sum(-1, keepdim=True) / (ref.pow(2).sum(-1, keepdim=True) + eps)
+    target = alpha * ref
+    ratio = (target.pow(2).sum(-1) + eps) / ((target - est).pow(2).sum(-1) + eps)
+    return -(10 * torch.log10(ratio)).mean()
+
+
+class _UnbiasedEMA:
+    """EMA with bias correction: total / weight, both decayed, so the first value is returned as it is."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.total: dict[str, torch.Tensor] = {}
+        self.weight: dict[str, float] = {}
+
+    def __call__(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, value in values.items():
+            self.total[name] = self.decay * self.total.get(name, 0.0) + value.detach()
+            self.weight[name] = self.decay * self.weight.get(name, 0.0) + 1.0
+        return {name: self.total[name] / self.weight[name] for name in values}
+
+    def state_dict(self) -> dict:
+        return {"total": dict(self.total), "weight": dict(self.weight)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.weight = dict(state["total"]), dict(state["weight"])
+
+
+class Balancer:
+    """EnCodec's loss balancer (paper section 3.4; AudioCraft's `losses/balancer.py`), our own code.
+
+    Each loss l_i is differentiated w.r.t. the model output y alone (g_i = dl_i/dy). Its norm (per batch
+    item, then averaged, with `per_batch_item`) is tracked by a bias-corrected EMA, averaged over ranks
+    under DDP, and the gradient sent into the model is
+
+        sum_i  total_norm * w_i / sum_j w_j * g_i / (eps + ema ||g_i||)
+
+    so a weight is the share of the gradient at the output, whatever the loss's scale. One backward
+    pass through the model carries it, together with `extra` losses outside the balancer (EnCodec's
+    commitment penalty). With `balance_grads=False` it is the plain weighted sum, w_i * g_i.
+    """
+
+    def __init__(self, weights: dict[str, float], total_norm: float = 1.0, ema_decay: float = 0.999,
+                 per_batch_item: bool = True, balance_grads: bool = True, epsilon: float = 1e-12):
+        if not weights or any(not w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"weights: got {weights!r}, allowed non-negative numbers with a positive sum")
+        if not total_norm > 0:
+            raise ValueError(f"total_norm: got {total_norm!r}, allowed a number > 0")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay: got {ema_decay!r}, allowed a number in [0, 1)")
+        self.weights = dict(weights)
+        self.total_norm = total_norm
+        self.per_batch_item = per_batch_item
+        self.balance_grads = balance_grads
+        self.epsilon = epsilon
+        self.averager = _UnbiasedEMA(ema_decay)
+        self.metrics: dict[str, float] = {}  # last call: each loss's share of the summed gradient norms at the output
+
+    def state_dict(self) -> dict:
+        """The norms' EMA, for checkpoints (a resumed run balances exactly as an uninterrupted one)."""
+        return self.averager.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averager.load_state_dict(state)
+
+    def backward(self, losses: dict[str, torch.Tensor], output: torch.Tensor,
+                 extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Backpropagate the balanced losses (and `extra`, unbalanced) in one pass; returns the effective
+        loss sum_i scale_i * l_i (+ extra), detached."""
+        from studylib import distributed
+
+        unknown = set(losses) - set(self.weights)
+        if unknown:
+            raise ValueError(f"losses: {sorted(unknown)} have no weight; weighted: {sorted(self.weights)}")
+        active = {name: loss for name, loss in losses.items() if self.weights[name] > 0}  # zero weight: no term
+        grads, norms = {}, {}
+        for name, loss in active.items():
+            (grad,) = torch.autograd.grad(loss, [output], retain_graph=True)
+            grads[name] = grad
+            if self.per_batch_item:
+                norms[name] = torch.linalg.vector_norm(grad.flatten(1), dim=1).mean()
+            else:
+                norms[name] = torch.linalg.vector_norm(grad)
+        if distributed.is_distributed() and norms:  # every rank scales by the same averaged norms
+            stacked = torch.stack(list(norms.values())).float()
+            distributed.all_reduce_sum_(stacked).div_(distributed.world_size())
+            norms = dict(zip(norms, stacked))
+        avg = self.averager(norms)
+        total_weight = sum(self.weights[name] for name in active)
+        out_grad = torch.zeros_like(output)
+        effective = output.new_zeros((), dtype=torch.float32)
+        total_avg = sum(avg.values()) if avg else 0.0
+        self.metrics = {}
+        for name, grad in grads.items():
+            if self.balance_grads:
+                scale = self.weights[name] / total_weight * self.total_norm / (self.epsilon + avg[name])
+            else:
+                scale = torch.as_tensor(self.weights[name])
+            out_grad.add_(grad * scale)
+            effective = effective + scale * active[name].detach().float()
+            self.metrics[name] = float(avg[name] / total_avg) if total_avg else 0.0
+        tensors, grad_tensors = [output], [out_grad]
+        if extra is not None:
+            tensors.append(extra)
+            grad_tensors.append(torch.ones_like(extra))
+            effective = effective + extra.detach().float()
+        torch.autograd.backward(tensors, grad_tensors)
+        return effective.detach()

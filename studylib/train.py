@@ -32,11 +32,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from studylib import config as cfglib
-from studylib import distributed
+from studylib import distributed, metrics
 from studylib.codec import QUANTIZERS, Codec, CodecConfig
 from studylib.data import AudioDataset
 from studylib.discriminator import MultiScaleSTFTDiscriminator, discriminator_step_loss, generator_losses
-from studylib.losses import MultiScaleMelLoss
+from studylib.losses import Balancer, MultiScaleMelLoss, neg_si_sdr
 from studylib.quantization import MODES, THRESHOLD_KINDS, ExpiryConfig, NonFiniteError
 
 PRESETS = ("tiny", "small", "encodec_24khz")
@@ -84,18 +84,24 @@ class TrainConfig(QuantizerFields):
     n_filters: int | None = None
     lstm_layers: int | None = None
     n_q: int | None = None
+    init: str | None = None  # codec.INITS; None = the preset's (small, tiny: unit_gain; encodec_24khz: pytorch)
     detach_residual: bool = False
     # EnCodec samples one target bandwidth per batch (kbps); must be among the model's bandwidths
     bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)
-    # optimisation (EnCodec: Adam 3e-4, betas 0.5 / 0.9; loss weights without the adversarial terms)
+    # optimisation (EnCodec: Adam 3e-4, betas 0.5 / 0.9, no warm-up, no clipping)
     steps: int = 2000
     lr: float = 3.0e-4
     beta1: float = 0.5
     beta2: float = 0.9
+    warmup_steps: int = 0  # linear lr warm-up from 0 over this many steps
+    grad_clip: float = 0.0
+    # losses. balancer: EnCodec's loss balancer (losses.Balancer): the weights below are shares of the
+    # gradient at the codec's output; false: a raw weighted sum. The commitment stays outside it.
+    balancer: bool = False
     weight_l1: float = 0.1
     weight_mel: float = 1.0
+    weight_sisdr: float = 0.0  # -SI-SDR of the output (dB), a gain-free waveform term
     weight_commit: float = 1.0
-    grad_clip: float = 0.0
     # EnCodec's MS-STFT discriminator (hinge + feature matching, weights 3 / 3); ~20 s a step on 2 cores
     adversarial: bool = False
     weight_adv: float = 3.0
@@ -129,8 +135,8 @@ class TrainConfig(QuantizerFields):
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number in [0, 1)")
-        for name in ("weight_l1", "weight_mel", "weight_commit", "grad_clip", "weight_adv", "weight_feat",
-                     "adversarial_from"):
+        for name in ("weight_l1", "weight_mel", "weight_sisdr", "weight_commit", "grad_clip", "weight_adv",
+                     "weight_feat", "adversarial_from", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number >= 0")
         if not self.bandwidths:
@@ -149,7 +155,7 @@ class TrainConfig(QuantizerFields):
     def codec_config(self) -> CodecConfig:
         base = getattr(CodecConfig, self.model)()
         overrides = {k: v for k, v in (("n_filters", self.n_filters), ("lstm_layers", self.lstm_layers),
-                                       ("n_q", self.n_q)) if v is not None}
+                                       ("n_q", self.n_q), ("init", self.init)) if v is not None}
         return CodecConfig(**{**cfglib.to_dict(base), **overrides, "bins": self.bins, "decay": self.decay,
                               "kmeans_iters": self.kmeans_iters, "expiry": self.expiry(), "init_fix": self.init_fix,
                               "detach_residual": self.detach_residual, "quantizer": self.quantizer})
@@ -230,6 +236,100 @@ class Run:
     metrics: pd.DataFrame
 
 
+@dataclass
+class Parts:
+    """What a training step works on: the codec, its losses and optimisers (discriminator: optional)."""
+
+    model: Codec
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    mel_loss: MultiScaleMelLoss
+    balancer: Balancer | None = None
+    disc: MultiScaleSTFTDiscriminator | None = None
+    disc_opt: torch.optim.Optimizer | None = None
+
+    def state(self) -> dict:
+        extra = {"disc": self.disc.state_dict(), "disc_optimizer": self.disc_opt.state_dict()} if self.disc else {}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rvq": self.model.quantizer.resume_state(),
+                "balancer": self.balancer.state_dict() if self.balancer else None, **extra}
+
+    def load(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.model.quantizer.load_resume_state(ckpt["rvq"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.balancer is not None:
+            self.balancer.load_state_dict(ckpt["balancer"])
+        if self.disc is not None:
+            self.disc.load_state_dict(ckpt["disc"])
+            self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
+
+
+def loss_weights(cfg: TrainConfig) -> dict[str, float]:
+    """Weights of the terms that act on the codec's output (balanced or summed); commitment aside."""
+    weights = {"l1": cfg.weight_l1, "mel": cfg.weight_mel, "sisdr": cfg.weight_sisdr}
+    if cfg.adversarial:
+        weights |= {"g_adv": cfg.weight_adv, "feat": cfg.weight_feat}
+    return weights
+
+
+def build_parts(cfg: TrainConfig, device: torch.device) -> Parts:
+    """A fresh codec (weights from cfg.seed, identical on every rank) with its optimiser and losses."""
+    torch.manual_seed(cfg.seed)
+    codec_cfg = cfg.codec_config()
+    model = Codec(codec_cfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # linear warm-up: step s (0-based) runs at lr x (s + 1) / warmup_steps until warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    disc = MultiScaleSTFTDiscriminator().to(device) if cfg.adversarial else None
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)) if disc else None
+    balancer = Balancer(loss_weights(cfg)) if cfg.balancer else None
+    return Parts(model, optimizer, scheduler, MultiScaleMelLoss(codec_cfg.sample_rate).to(device), balancer,
+                 disc, disc_opt)
+
+
+def train_step(parts: Parts, cfg: TrainConfig, wav: torch.Tensor, bandwidth: float, step: int,
+               world: int = 1) -> dict[str, torch.Tensor]:
+    """One update of the codec (and of the discriminator first, when on); returns the step's scalars."""
+    model, weights = parts.model, loss_weights(cfg)
+    use_bf16 = cfg.bf16 and wav.device.type == "cuda"
+    with torch.autocast(wav.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        out = model(wav, bandwidth)
+        terms = {"l1": (out.audio - wav).abs().mean(), "mel": parts.mel_loss(out.audio, wav)}
+        if cfg.weight_sisdr > 0:
+            terms["sisdr"] = neg_si_sdr(out.audio, wav)
+    logged: dict[str, torch.Tensor] = {}
+    if parts.disc is not None and step >= cfg.adversarial_from:
+        # discriminator first, on the detached output; then the codec's adversarial terms
+        disc_loss = discriminator_step_loss(parts.disc, wav, out.audio)
+        parts.disc_opt.zero_grad(set_to_none=True)
+        disc_loss.backward()
+        _sync_gradients(parts.disc, world)
+        parts.disc_opt.step()
+        adv = generator_losses(parts.disc, wav, out.audio)
+        terms |= {"g_adv": adv.g_adv, "feat": adv.feat}
+        logged["disc"] = disc_loss
+    commit = cfg.weight_commit * out.penalty
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.balancer is not None:
+        loss = parts.balancer.backward(terms, out.audio, extra=commit)
+        logged |= {f"norm_share_{k}": torch.tensor(v) for k, v in parts.balancer.metrics.items()}
+    else:
+        loss = sum(weights[name] * term for name, term in terms.items()) + commit
+        loss.backward()  # also leaves gradients on the discriminator: cleared before its next step
+    _sync_gradients(model, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    lr = parts.optimizer.param_groups[0]["lr"]
+    parts.optimizer.step()
+    parts.scheduler.step()
+    if world > 1 and cfg.ddp_buffers == "average":
+        _average_codebooks(model, world)
+    return {"loss": loss, **terms, "commit": out.penalty, "bandwidth": out.bandwidth, "grad_norm": grad_norm,
+            "lr": torch.tensor(lr), **logged, **out.metrics}
+
+
 def train(cfg: TrainConfig) -> Run:
     """Train (or resume) the run in `cfg.run_dir`; returns when it is complete."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -253,25 +353,16 @@ def train(cfg: TrainConfig) -> Run:
         raise ValueError(f"run_dir: {run_dir} holds a run of another config ({previous.get('config_hash')} vs "
                          f"{chash}); choose another run_dir")
 
-    torch.manual_seed(cfg.seed)  # weights: identical on every rank
-    codec_cfg = cfg.codec_config()
-    model = Codec(codec_cfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    mel_loss = MultiScaleMelLoss(codec_cfg.sample_rate).to(device)
-    disc = MultiScaleSTFTDiscriminator().to(device) if cfg.adversarial else None
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)) if disc else None
+    parts = build_parts(cfg, device)
+    model = parts.model
+    codec_cfg = model.config
     train_set = AudioDataset(cfg.manifest, "train", cfg.segment_seconds, codec_cfg.sample_rate, seed=cfg.seed)
     valid_set = AudioDataset(cfg.manifest, "valid", cfg.segment_seconds, codec_cfg.sample_rate)
 
     start, rows, started = 0, [], datetime.now(UTC).isoformat()
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        model.quantizer.load_resume_state(ckpt["rvq"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(ckpt["disc"])
-            disc_opt.load_state_dict(ckpt["disc_optimizer"])
+        parts.load(ckpt)
         start, rows = ckpt["step"], ckpt["rows"]
         started = (previous or {}).get("started", started)
 
@@ -288,10 +379,7 @@ def train(cfg: TrainConfig) -> Run:
     def checkpoint(step: int) -> None:
         if rank == 0:
             _write_metrics(rows, metrics_path)
-            extra = {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict()} if disc else {}
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                          "rvq": model.quantizer.resume_state(), "rows": rows, "config": cfglib.to_dict(cfg),
-                          **extra}, ckpt_path)
+            _atomic_save({**parts.state(), "step": step, "rows": rows, "config": cfglib.to_dict(cfg)}, ckpt_path)
 
     t_start = time.perf_counter()
     try:
@@ -301,42 +389,17 @@ def train(cfg: TrainConfig) -> Run:
             wav = _train_batch(train_set, cfg, step, rank).to(device)
             bandwidth = cfg.bandwidths[int(torch.randint(len(cfg.bandwidths), (1,),
                                                          generator=_step_generator(cfg.seed, step)))]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and use_cuda):
-                out = model(wav, bandwidth)
-                l1 = (out.audio - wav).abs().mean()
-                mel = mel_loss(out.audio, wav)
-            loss = cfg.weight_l1 * l1 + cfg.weight_mel * mel + cfg.weight_commit * out.penalty
-            adv_terms = {}
-            if disc is not None and step >= cfg.adversarial_from:
-                # discriminator first, on the detached output; then the codec's adversarial terms
-                disc_loss = discriminator_step_loss(disc, wav, out.audio)
-                disc_opt.zero_grad(set_to_none=True)
-                disc_loss.backward()
-                _sync_gradients(disc, world)
-                disc_opt.step()
-                adv = generator_losses(disc, wav, out.audio)
-                loss = loss + cfg.weight_adv * adv.g_adv + cfg.weight_feat * adv.feat
-                adv_terms = {"disc": disc_loss, "g_adv": adv.g_adv, "feat": adv.feat}
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # also leaves gradients on the discriminator: cleared before its next step
-            _sync_gradients(model, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
-            if world > 1 and cfg.ddp_buffers == "average":
-                _average_codebooks(model, world)
-
+            scalars = train_step(parts, cfg, wav, bandwidth, step, world)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                terms = {"loss": loss, "l1": l1, "mel": mel, "commit": out.penalty, "bandwidth": out.bandwidth,
-                         "grad_norm": grad_norm, **adv_terms}
-                row = {"step": done, "split": "train", **_scalars(terms),
-                       "seconds": time.perf_counter() - t_start, **_scalars(out.metrics),
-                       **_codebook_totals(model)}
+                row = {"step": done, "split": "train", "seconds": time.perf_counter() - t_start,
+                       **_scalars(scalars), **_codebook_totals(model)}
                 _check_finite(row, model, done)
                 rows.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", used_l0=row.get("used_l0"))
             if done % cfg.valid_every == 0 or done == cfg.steps:
-                rows.append({"step": done, "split": "valid", **validate(model, mel_loss, valid_set, cfg, device)})
+                rows.append({"step": done, "split": "valid", "seconds": time.perf_counter() - t_start,
+                             **validate(model, parts.mel_loss, valid_set, cfg, device)})
                 model.train()
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 checkpoint(done)
@@ -414,18 +477,31 @@ def _check_finite(row: dict, model: Codec, step: int) -> None:
 @torch.no_grad()
 def validate(model: Codec, mel_loss: MultiScaleMelLoss, dataset: AudioDataset, cfg: TrainConfig,
              device: torch.device) -> dict[str, float]:
-    """Loss terms on the first `valid_items` fixed validation windows at `valid_bandwidth`."""
+    """On the first `valid_items` fixed validation windows at `valid_bandwidth`: the loss terms, their raw
+    weighted sum (`loss`), SI-SDR and DAC's mel distance (means over windows), and per level the code
+    usage and perplexity of all their frames, so every run shows whether and when it left the plateau."""
     model.eval()
     n = min(cfg.valid_items, len(dataset))
-    totals = {"l1": 0.0, "mel": 0.0}
+    sums = {"l1": 0.0, "mel": 0.0, "sisdr": 0.0, "si_sdr": 0.0, "mel_distance": 0.0}
+    codes = []
     for first in range(0, n, cfg.batch_size):
         wav = torch.stack([dataset[i] for i in range(first, min(first + cfg.batch_size, n))]).to(device)
         out = model(wav, cfg.valid_bandwidth)
-        totals["l1"] += float((out.audio - wav).abs().mean()) * wav.shape[0]
-        totals["mel"] += float(mel_loss(out.audio, wav)) * wav.shape[0]
-    l1, mel = totals["l1"] / n, totals["mel"] / n
-    return {"loss": cfg.weight_l1 * l1 + cfg.weight_mel * mel, "l1": l1, "mel": mel,
-            "bandwidth": cfg.valid_bandwidth}
+        b = wav.shape[0]
+        sums["l1"] += float((out.audio - wav).abs().mean()) * b
+        sums["mel"] += float(mel_loss(out.audio, wav)) * b
+        sums["sisdr"] += float(neg_si_sdr(out.audio, wav)) * b
+        sums["si_sdr"] += float(metrics.si_sdr(out.audio[:, 0].cpu(), wav[:, 0].cpu()).sum())
+        sums["mel_distance"] += float(metrics.mel_distance(out.audio[:, 0].cpu(), wav[:, 0].cpu(),
+                                                           model.config.sample_rate).sum())
+        codes.append(out.codes.flatten(1).cpu())
+    means = {k: v / n for k, v in sums.items()}
+    weights = loss_weights(cfg)
+    use = metrics.utilization(torch.cat(codes, dim=1), model.config.bins)
+    levels = {f"{col}_l{lvl}": float(v) for col in ("used", "perplexity")
+              for lvl, v in zip(use.level, use[col])}
+    return {"loss": sum(weights[k] * means[k] for k in ("l1", "mel", "sisdr")), **means,
+            "bandwidth": cfg.valid_bandwidth, **levels}
 
 
 def checkpoint_path(path: str | Path) -> Path:

@@ -51,12 +51,28 @@ def upstream_arm(rank: int) -> dict:
             "replaced_total": int(ours.replaced_total)}
 
 
+def balancer_arm(rank: int) -> dict:
+    """Each rank has its own data, so its own gradient norms; the balancer must scale by their mean."""
+    from studylib.losses import Balancer
+
+    balancer = Balancer({"l1": 0.1, "l2": 2.0})
+    local_norms = []
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        y = (torch.randn(4, 1, 64, generator=g) * (1 + rank)).requires_grad_()
+        losses = {"l1": y.pow(4).mean(), "l2": y.pow(2).mean()}  # norms that depend on the data
+        local_norms.append({k: float(torch.autograd.grad(v, y, retain_graph=True)[0].flatten(1).norm(dim=1).mean())
+                            for k, v in losses.items()})
+        balancer.backward(losses, y)
+    return {"ema": {k: float(v) for k, v in balancer.averager.total.items()}, "local_norms": local_norms}
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_flush_denormal(True)
-    for name, arm in (("fixed", fixed_arm), ("upstream", upstream_arm)):
+    for name, arm in (("fixed", fixed_arm), ("upstream", upstream_arm), ("balancer", balancer_arm)):
         torch.save(arm(rank), out_dir / f"{name}_rank{rank}.pt")
     dist.destroy_process_group()
 

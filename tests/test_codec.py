@@ -224,3 +224,41 @@ def test_mixed_precision_keeps_the_quantizer_in_float32():
     ((out.audio.float() - wav).abs().mean() + out.penalty).backward()
     codebooks = [v for k, v in codec.state_dict().items() if k.endswith("_codebook.embed")]
     assert all(cb.dtype == torch.float32 and torch.isfinite(cb).all() for cb in codebooks)  # ... not the VQ
+
+
+def latent_spread(config: CodecConfig) -> tuple[float, float]:
+    """(std across a batch of different inputs, averaged over channels and frames; overall std) of a fresh
+    codec's latent."""
+    torch.manual_seed(0)
+    codec = Codec(config)
+    wav = 0.1 * noise_bursts(8, 24_000, seed=3)
+    with torch.no_grad():
+        latent = codec.encoder(wav)  # [B, D, F]
+    return float(latent.std(0).mean()), float(latent.std())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_fresh_cpu_presets_carry_the_signal_to_the_latent(preset):
+    config = getattr(CodecConfig, preset)()
+    assert config.init == "unit_gain"
+    spread, std = latent_spread(config)
+    assert spread >= 0.5 * std, (spread, std)
+    # PyTorch's default init (EnCodec's) loses it: the latent is nearly the same for every input
+    spread, std = latent_spread(dataclasses.replace(config, init="pytorch"))
+    assert spread < 0.05 * std, (spread, std)
+
+
+def test_unit_gain_output_follows_the_input_level():
+    torch.manual_seed(0)
+    codec = Codec(CodecConfig.small()).eval()
+    wav = 0.1 * noise_bursts(4, 24_000, seed=4)
+    with torch.no_grad():
+        audio = codec.decoder(codec.encoder(wav))
+    ratio = float(audio.std() / wav.std())
+    assert 0.3 < ratio < 3, ratio  # PyTorch's init: a constant, input-independent output
+
+
+def test_official_preset_keeps_pytorch_init():
+    assert CodecConfig.encodec_24khz().init == "pytorch"
+    with pytest.raises(ValueError, match="init: got 'xavier'"):
+        CodecConfig(init="xavier")

@@ -23,7 +23,7 @@ def ranks(tmp_path_factory) -> dict[str, list[dict]]:
            str(WORKER), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {arm: [torch.load(out / f"{arm}_rank{r}.pt") for r in (0, 1)] for arm in ("fixed", "upstream")}
+    return {arm: [torch.load(out / f"{arm}_rank{r}.pt") for r in (0, 1)] for arm in ("fixed", "upstream", "balancer")}
 
 
 def test_fixed_codebooks_identical_on_every_rank(ranks):
@@ -41,3 +41,15 @@ def test_upstream_matches_encodec_under_ddp_and_ranks_drift_apart(ranks):
     # rank 0's buffers are broadcast before the EMA; each rank then applies its own counts, so the
     # codebooks differ at the end of every step (nothing all-reduces cluster_size / embed_avg)
     assert not torch.equal(r0["state"]["cluster_size"], r1["state"]["cluster_size"])
+
+
+def test_balancer_averages_gradient_norms_over_ranks(ranks):
+    r0, r1 = ranks["balancer"]
+    assert r0["ema"] == r1["ema"]  # both ranks scale by the same norms
+    decay = 0.999
+    for name in ("l1", "l2"):
+        local = [[step[name] for step in r["local_norms"]] for r in (r0, r1)]
+        assert local[0] != local[1]  # the ranks' own norms differ
+        mean = [(a + b) / 2 for a, b in zip(*local)]
+        expected = sum(decay ** (len(mean) - 1 - i) * m for i, m in enumerate(mean))
+        assert r0["ema"][name] == pytest.approx(expected, rel=1e-6)
