@@ -452,11 +452,16 @@ class Codec(nn.Module):
             raise ValueError(f"bandwidth: got {bandwidth!r}, allowed None or one of "
                              f"{self.config.target_bandwidths}")
 
-    def forward(self, wav: torch.Tensor, bandwidth: float | None = None) -> CodecOutput:
+    def forward(self, wav: torch.Tensor, bandwidth: float | None = None, quantize: bool = True) -> CodecOutput:
         """Encode, quantize (training: straight-through, EMA update, expiry) and decode.
-        wav [B, C, T]; bandwidth None = all n_q levels."""
+        wav [B, C, T]; bandwidth None = all n_q levels; quantize=False: the decoder gets the latent itself
+        (an autoencoder step: no codes, no penalty, codebooks untouched)."""
         self._check(wav, bandwidth)
         latent = self.encoder(wav).float()  # [B, D, F]
+        if not quantize:
+            audio = self.decoder(latent)[..., : wav.shape[-1]]
+            no_codes = torch.zeros(0, *latent.shape[::2], dtype=torch.long, device=wav.device)  # [0, B, F]
+            return CodecOutput(audio, no_codes, latent.new_zeros(()), latent.new_zeros(()), {})
         with full_precision(wav.device.type):
             q = self.quantizer(latent, self.config.frame_rate, bandwidth)
         audio = self.decoder(q.quantized)[..., : wav.shape[-1]]  # [B, C, F * hop] -> [B, C, T]

@@ -149,8 +149,9 @@ class Balancer:
             self.metrics[name] = float(avg[name] / total_avg) if total_avg else 0.0
         tensors, grad_tensors = [output], [out_grad]
         if extra is not None:
-            tensors.append(extra)
-            grad_tensors.append(torch.ones_like(extra))
+            if extra.requires_grad:  # a constant extra (no quantizer in the step) has nothing to send back
+                tensors.append(extra)
+                grad_tensors.append(torch.ones_like(extra))
             effective = effective + extra.detach().float()
         torch.autograd.backward(tensors, grad_tensors)
         return effective.detach()

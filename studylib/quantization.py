@@ -625,6 +625,17 @@ class ResidualVectorQuantizer(LevelSchedule, nn.Module):
         }
         return {f"{name}_l{level}": values[level] for name, values in per_level.items() for level in range(n_q)}
 
+    @torch.no_grad()
+    def init_codebooks(self, x: torch.Tensor) -> None:
+        """k-means-initialise every level not yet initialised on the frames x [N, D], level by level on the
+        residual of the levels before (as training's first forward would, but on as many frames as given:
+        the first batch alone, 600 frames, cannot give K = 1024 distinct means)."""
+        residual = x
+        for cb in self.codebooks:
+            if not cb.inited:
+                cb._init_embed(residual)
+            residual = residual - cb.decode(cb.quantize(residual))
+
     def encode(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> torch.Tensor:
         """x [B, D, T] -> codes [n_q, B, T]."""
         residual, codes = x, []

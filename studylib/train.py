@@ -94,6 +94,11 @@ class TrainConfig(QuantizerFields):
     beta1: float = 0.5
     beta2: float = 0.9
     warmup_steps: int = 0  # linear lr warm-up from 0 over this many steps
+    # quantizer warm-up: the first quantizer_warmup steps train the autoencoder without quantization;
+    # the codebooks' k-means then runs on at least kmeans_frames frames (0: on the first quantized batch,
+    # as EnCodec; more frames are gathered from extra training batches through the current encoder)
+    quantizer_warmup: int = 0
+    kmeans_frames: int = 0
     grad_clip: float = 0.0
     # losses. balancer: EnCodec's loss balancer (losses.Balancer): the weights below are shares of the
     # gradient at the codec's output; false: a raw weighted sum. The commitment stays outside it.
@@ -136,13 +141,16 @@ class TrainConfig(QuantizerFields):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number in [0, 1)")
         for name in ("weight_l1", "weight_mel", "weight_sisdr", "weight_commit", "grad_clip", "weight_adv",
-                     "weight_feat", "adversarial_from", "warmup_steps"):
+                     "weight_feat", "adversarial_from", "warmup_steps", "quantizer_warmup", "kmeans_frames"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number >= 0")
         if not self.bandwidths:
             raise ValueError("bandwidths: got an empty list, allowed a non-empty list of kbps")
         self.expiry()  # validates the expiry_* fields, naming them
         codec = self.codec_config()  # validates the model fields
+        if (self.quantizer_warmup or self.kmeans_frames) and self.quantizer != "ours":
+            raise ValueError(f"quantizer_warmup, kmeans_frames: apply to quantizer 'ours' only, got quantizer "
+                             f"{self.quantizer!r}")
         for bw in (*self.bandwidths, self.valid_bandwidth):
             if bw not in codec.target_bandwidths:
                 raise ValueError(f"bandwidths: {bw} is not one of the model's {codec.target_bandwidths}")
@@ -296,7 +304,7 @@ def train_step(parts: Parts, cfg: TrainConfig, wav: torch.Tensor, bandwidth: flo
     model, weights = parts.model, loss_weights(cfg)
     use_bf16 = cfg.bf16 and wav.device.type == "cuda"
     with torch.autocast(wav.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        out = model(wav, bandwidth)
+        out = model(wav, bandwidth, quantize=step >= cfg.quantizer_warmup)
         terms = {"l1": (out.audio - wav).abs().mean(), "mel": parts.mel_loss(out.audio, wav)}
         if cfg.weight_sisdr > 0:
             terms["sisdr"] = neg_si_sdr(out.audio, wav)
@@ -389,6 +397,8 @@ def train(cfg: TrainConfig) -> Run:
             wav = _train_batch(train_set, cfg, step, rank).to(device)
             bandwidth = cfg.bandwidths[int(torch.randint(len(cfg.bandwidths), (1,),
                                                          generator=_step_generator(cfg.seed, step)))]
+            if step == cfg.quantizer_warmup and cfg.kmeans_frames > 0:
+                _init_codebooks(model, train_set, cfg, rank, device)
             scalars = train_step(parts, cfg, wav, bandwidth, step, world)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -399,7 +409,7 @@ def train(cfg: TrainConfig) -> Run:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", used_l0=row.get("used_l0"))
             if done % cfg.valid_every == 0 or done == cfg.steps:
                 rows.append({"step": done, "split": "valid", "seconds": time.perf_counter() - t_start,
-                             **validate(model, parts.mel_loss, valid_set, cfg, device)})
+                             **validate(model, parts.mel_loss, valid_set, cfg, device, done > cfg.quantizer_warmup)})
                 model.train()
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 checkpoint(done)
@@ -433,6 +443,22 @@ def _train_batch(dataset: AudioDataset, cfg: TrainConfig, step: int, rank: int) 
         torch.randint(n, (cfg.batch_size,), generator=g)
     dataset.set_epoch(step * 1000 + rank)
     return torch.stack([dataset[int(i)] for i in idx])
+
+
+@torch.no_grad()
+def _init_codebooks(model: Codec, dataset: AudioDataset, cfg: TrainConfig, rank: int, device: torch.device) -> None:
+    """k-means on at least cfg.kmeans_frames latent frames of the current encoder, from extra training
+    batches keyed (seed, steps + i, rank), past the last training step, so a resumed run gathers the same
+    ones and training never sees them twice in a row."""
+    if all(bool(cb.inited) for cb in model.quantizer.codebooks):
+        return
+    latents, frames, i = [], 0, 0
+    while frames < cfg.kmeans_frames:
+        wav = _train_batch(dataset, cfg, cfg.steps + i, rank).to(device)
+        latent = model.encoder(wav).float()  # [B, D, F]
+        latents.append(latent.transpose(1, 2).reshape(-1, latent.shape[1]))
+        frames, i = frames + latents[-1].shape[0], i + 1
+    model.quantizer.init_codebooks(torch.cat(latents))
 
 
 def _sync_gradients(model: torch.nn.Module, world: int) -> None:
@@ -476,17 +502,18 @@ def _check_finite(row: dict, model: Codec, step: int) -> None:
 
 @torch.no_grad()
 def validate(model: Codec, mel_loss: MultiScaleMelLoss, dataset: AudioDataset, cfg: TrainConfig,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, quantize: bool = True) -> dict[str, float]:
     """On the first `valid_items` fixed validation windows at `valid_bandwidth`: the loss terms, their raw
     weighted sum (`loss`), SI-SDR and DAC's mel distance (means over windows), and per level the code
-    usage and perplexity of all their frames, so every run shows whether and when it left the plateau."""
+    usage and perplexity of all their frames, so every run shows whether and when it left the plateau.
+    quantize=False (during a quantizer warm-up): the autoencoder's scores, no codes, codebooks untouched."""
     model.eval()
     n = min(cfg.valid_items, len(dataset))
     sums = {"l1": 0.0, "mel": 0.0, "sisdr": 0.0, "si_sdr": 0.0, "mel_distance": 0.0}
     codes = []
     for first in range(0, n, cfg.batch_size):
         wav = torch.stack([dataset[i] for i in range(first, min(first + cfg.batch_size, n))]).to(device)
-        out = model(wav, cfg.valid_bandwidth)
+        out = model(wav, cfg.valid_bandwidth, quantize=quantize)
         b = wav.shape[0]
         sums["l1"] += float((out.audio - wav).abs().mean()) * b
         sums["mel"] += float(mel_loss(out.audio, wav)) * b
@@ -497,9 +524,10 @@ def validate(model: Codec, mel_loss: MultiScaleMelLoss, dataset: AudioDataset, c
         codes.append(out.codes.flatten(1).cpu())
     means = {k: v / n for k, v in sums.items()}
     weights = loss_weights(cfg)
-    use = metrics.utilization(torch.cat(codes, dim=1), model.config.bins)
-    levels = {f"{col}_l{lvl}": float(v) for col in ("used", "perplexity")
-              for lvl, v in zip(use.level, use[col])}
+    levels = {}
+    if quantize:
+        use = metrics.utilization(torch.cat(codes, dim=1), model.config.bins)
+        levels = {f"{col}_l{lvl}": float(v) for col in ("used", "perplexity") for lvl, v in zip(use.level, use[col])}
     return {"loss": sum(weights[k] * means[k] for k in ("l1", "mel", "sisdr")), **means,
             "bandwidth": cfg.valid_bandwidth, **levels}
 

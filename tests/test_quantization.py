@@ -436,3 +436,20 @@ def test_kmeans_exact_with_outliers_and_duplicate_frames():
         torch.manual_seed(seed)
         ours = kmeans(samples, 256, 5)
         assert torch.equal(means, ours.means) and torch.equal(counts, ours.counts)
+
+
+def test_init_codebooks_runs_kmeans_level_by_level_on_all_frames():
+    from studylib.quantization import ResidualVectorQuantizer
+
+    rvq = ResidualVectorQuantizer(dimension=8, n_q=3, bins=64, kmeans_iters=5,
+                                  generator=torch.Generator().manual_seed(0))
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(1))
+    rvq.init_codebooks(x)
+    for cb in rvq.codebooks:
+        assert bool(cb.inited) and float(cb.cluster_size.sum()) == 500  # k-means counts of all 500 frames
+    # deeper levels were fitted to the residual of the levels before, not to x
+    residual = x - rvq.codebooks[0].decode(rvq.codebooks[0].quantize(x))
+    assert float(residual.norm()) < float(x.norm())
+    embed1 = rvq.codebooks[1].embed.clone()
+    rvq.init_codebooks(x * 10)  # initialised levels are left alone
+    assert torch.equal(rvq.codebooks[1].embed, embed1)

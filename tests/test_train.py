@@ -159,3 +159,71 @@ def test_peer_quantizer_arm_trains_through_the_same_loop(synthetic_manifest, tmp
     metrics, state = comparable(tmp_path / "peer")
     assert metrics[metrics.split == "train"].used_l0.gt(0).all()
     assert any(k.startswith("quantizer.rvq.") for k in state)
+
+
+# ------------------------------------------------------------------------------- the cpu recipe's parts
+
+RECIPE = {"balancer": True, "weight_l1": 1.0, "weight_mel": 2.0, "weight_sisdr": 1.0, "warmup_steps": 4,
+          "quantizer_warmup": 12, "kmeans_frames": 200}
+
+
+@pytest.fixture(scope="module")
+def recipe_run(synthetic_manifest, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("recipe") / "run"
+    assert trainlib.train(smoke_config(synthetic_manifest, run_dir, **RECIPE)).status == "complete"
+    return run_dir
+
+
+def test_recipe_run_logs_the_balancer_warmups_and_held_out_scores(recipe_run):
+    metrics, _ = comparable(recipe_run)
+    train_rows, valid_rows = metrics[metrics.split == "train"], metrics[metrics.split == "valid"]
+    warm, quantized = train_rows[train_rows.step <= 12], train_rows[train_rows.step > 12]
+    assert (warm.commit == 0).all() and warm.used_l0.isna().all()  # no quantizer during its warm-up
+    assert (quantized.used_l0 > 0).all() and (quantized.commit > 0).all()
+    shares = train_rows[["norm_share_l1", "norm_share_mel", "norm_share_sisdr"]]
+    assert ((shares.sum(axis=1) - 1).abs() < 1e-6).all()
+    assert train_rows.lr.iloc[0] == pytest.approx(3.0e-4)  # step 5 (0-based 4) is past the 4-step lr warm-up
+    for column in ("si_sdr", "mel_distance", "sisdr", "l1", "mel"):
+        assert valid_rows[column].notna().all(), column
+    assert valid_rows.set_index("step").perplexity_l0.isna().tolist() == [True, False]  # step 10: warm-up
+
+
+def test_recipe_run_resumes_to_the_same_result(recipe_run, synthetic_manifest, tmp_path, monkeypatch):
+    """Killed after the quantizer's warm-up (k-means at step 12) and resumed from step 10: same bits."""
+    cfg = smoke_config(synthetic_manifest, tmp_path / "killed", **RECIPE)
+    real_batch = trainlib._train_batch
+
+    def killed_at_step_14(dataset, cfg_, step, rank):
+        if step == 14:
+            raise KeyboardInterrupt("simulated kill")
+        return real_batch(dataset, cfg_, step, rank)
+
+    monkeypatch.setattr(trainlib, "_train_batch", killed_at_step_14)
+    with pytest.raises(KeyboardInterrupt):
+        trainlib.train(cfg)
+    monkeypatch.setattr(trainlib, "_train_batch", real_batch)
+    assert trainlib.train(cfg).status == "complete"
+    a, b = comparable(recipe_run), comparable(Path(cfg.run_dir))
+    assert a[0].equals(b[0])
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_lr_warmup_ramps_linearly(synthetic_manifest, tmp_path):
+    cfg = smoke_config(synthetic_manifest, tmp_path / "lr", warmup_steps=10, log_every=1, steps=12,
+                       valid_every=12, checkpoint_every=12)
+    metrics, _ = comparable(trainlib.train(cfg).run_dir)
+    lr = metrics[metrics.split == "train"].set_index("step").lr
+    assert lr[1] == pytest.approx(3.0e-5) and lr[5] == pytest.approx(1.5e-4) and lr[11] == pytest.approx(3.0e-4)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["quantizer=vqtorch", "quantizer_warmup=5"], "quantizer_warmup, kmeans_frames: apply to quantizer 'ours'"),
+    (["weight_sisdr=-1.0"], "weight_sisdr: got -1.0, allowed a number >= 0"),
+    (["init=xavier"], "init: got 'xavier', allowed ('pytorch', 'unit_gain')"),
+])
+def test_bad_recipe_params_are_one_line_errors(tmp_path, capsys, sets, message):
+    run_dir = tmp_path / "run"
+    code = trainlib.cli([str(SMOKE), "--set", f"run_dir={run_dir}", *sum((["--set", s] for s in sets), [])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not run_dir.exists()
