@@ -1,1 +1,14 @@
 """EnCodec dead-code expiry study."""
+
+# The drop-in fix, importable from the package without making `import studylib` load torch.
+_LAZY = {"patch_codebooks": "studylib.patch", "unpatch_codebooks": "studylib.patch",
+         "ExpiryConfig": "studylib.quantization"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'studylib' has no attribute {name!r}")
