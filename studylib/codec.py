@@ -164,14 +164,26 @@ class CodecConfig:
 # ------------------------------------------------------------------------------------- convolutions
 
 
+def _reflect(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """F.pad(x, (left, right), "reflect") as slices, flips and one cat: the same values, and about half the
+    time forward + backward on CPU (aten's reflection_pad1d backward was ~12 % of a small codec's step)."""
+    parts = [x[..., 1 : left + 1].flip(-1)] if left else []
+    parts.append(x)
+    if right:
+        parts.append(x[..., -right - 1 : -1].flip(-1))
+    return torch.cat(parts, -1) if len(parts) > 1 else x
+
+
 def _pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
     """F.pad on the time axis; reflect padding wider than the signal zero-extends it first (EnCodec's)."""
     length = x.shape[-1]
     if mode == "reflect" and length <= max(left, right):
         # Reflection needs more samples than the padding; borrow zeros on the right, then cut them off.
         extra = max(left, right) - length + 1
-        padded = F.pad(F.pad(x, (0, extra)), (left, right), mode)
+        padded = _reflect(F.pad(x, (0, extra)), left, right)
         return padded[..., : padded.shape[-1] - extra]
+    if mode == "reflect":
+        return _reflect(x, left, right)
     return F.pad(x, (left, right), mode)
 
 

@@ -194,6 +194,26 @@ def evaluate_opus(manifest: str | Path, split: str = "test", bitrates: tuple[flo
     return table
 
 
+def opus_cached(path: str | Path, manifest: str | Path, bitrates: tuple[float, ...], split: str = "test",
+                seconds: float = 5.0, visqol_items: int = 16, per_kind: int | None = None,
+                progress: bool = True) -> pd.DataFrame | None:
+    """`evaluate_opus` computed once and kept at `path` with its settings beside it (`path`.json): a later
+    call with the same settings reads the file, other settings recompute it. None when opus-tools is missing."""
+    from studylib.reports import read_json, write_json
+
+    path = Path(path)
+    settings = {"manifest": str(Path(manifest).resolve()), "bitrates": [float(b) for b in bitrates], "split": split,
+                "seconds": seconds, "visqol_items": visqol_items, "per_kind": per_kind}
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and read_json(sidecar) == settings:
+        return pd.read_parquet(path)
+    if not baselines.opus_available():
+        return None
+    table = evaluate_opus(manifest, split, tuple(bitrates), seconds, visqol_items, path, per_kind, progress)
+    write_json(settings, sidecar)
+    return table
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 

@@ -13,32 +13,43 @@ class MultiScaleMelLoss(nn.Module):
     """Multi-scale mel loss over window sizes 2^5..2^11 (EnCodec's scales; hop = window / 4, 64 bands):
     mean over scales of L1 between mel magnitudes plus L1 between log10 mels (DAC's form of the second
     term, in place of EnCodec's L2 on magnitudes, which the loudest bins dominate).
-    At small windows some low bands cover no FFT bin and stay zero on both sides, adding nothing
-    (torchaudio warns about it; we silence that)."""
+
+    Computed as torchaudio's ``MelSpectrogram`` (periodic Hann window, centred STFT with reflect padding,
+    magnitudes, HTK mel filters without norm), with two savings that leave the value unchanged: the
+    reference's spectrogram is taken without autograd, and mel bands that cover no FFT bin (36 of 64 at
+    window 32) are skipped, since they are zero on both sides and add exactly 0 to every sum; the means
+    still divide by all 64 bands. Measured: the loss's forward + backward ~2x faster on 2 CPU cores
+    (benchmarks/bench_codec.py)."""
 
     def __init__(self, sample_rate: int = 24_000, scales: tuple[int, ...] = tuple(range(5, 12)), n_mels: int = 64):
         super().__init__()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="At least one mel filterbank has all zero values")
-            self.mels = self._make(sample_rate, scales, n_mels)
+        self.windows = tuple(2**i for i in scales)
+        self.n_mels = n_mels
+        for n in self.windows:
+            with warnings.catch_warnings():  # small windows leave some low bands empty: we drop those
+                warnings.filterwarnings("ignore", message="At least one mel filterbank has all zero values")
+                fb = torchaudio.functional.melscale_fbanks(n // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate)
+            self.register_buffer(f"filters_{n}", fb[:, fb.sum(0) > 0].contiguous(), persistent=False)  # [F, M']
+            self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
 
-    @staticmethod
-    def _make(sample_rate: int, scales: tuple[int, ...], n_mels: int) -> nn.ModuleList:
-        return nn.ModuleList(
-            torchaudio.transforms.MelSpectrogram(
-                sample_rate=sample_rate, n_fft=2**i, win_length=2**i, hop_length=2**i // 4,
-                n_mels=n_mels, power=1.0, normalized=False, center=True, pad_mode="reflect",
-            )
-            for i in scales
-        )
+    def _mel(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """x [N, T] -> mel magnitudes of the non-empty bands [N, frames, M']."""
+        spec = torch.stft(x, n, n // 4, n, getattr(self, f"window_{n}"), center=True, pad_mode="reflect",
+                          normalized=False, onesided=True, return_complex=True).abs()  # [N, F, frames]
+        return spec.transpose(1, 2) @ getattr(self, f"filters_{n}")
 
     def forward(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        total = estimate.new_zeros(())
-        for mel in self.mels:
-            s_est, s_ref = mel(estimate.float()), mel(reference.float())
+        est = estimate.float().reshape(-1, estimate.shape[-1])  # [B * C, T]
+        ref = reference.float().reshape(-1, reference.shape[-1])
+        total = est.new_zeros(())
+        for n in self.windows:
+            s_est = self._mel(est, n)
+            with torch.no_grad():
+                s_ref = self._mel(ref, n)
+            count = s_est.shape[0] * s_est.shape[1] * self.n_mels  # the mean over all bands, empty ones included
             log_diff = torch.log10(s_est.clamp_min(1e-5)) - torch.log10(s_ref.clamp_min(1e-5))
-            total = total + (s_est - s_ref).abs().mean() + log_diff.abs().mean()
-        return total / len(self.mels)
+            total = total + ((s_est - s_ref).abs().sum() + log_diff.abs().sum()) / count
+        return total / len(self.windows)
 
 
 def neg_si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -33,10 +33,14 @@ from studylib import config as cfglib
 from studylib.reports import atomic_write, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("01_bug_anatomy", "02_quantizer_study", "03_train_codec", "04_compare", "05_codebook_audit")
-SCALE_KEYS = ("corpus", "cell_timeout_s", "notebooks", "codec", "quantizer", "anatomy", "audit", "compare")
-CODEC_KEYS = ("arms", "seeds", "nproc_per_node", "evaluate", "set")
+NOTEBOOKS = ("01_bug_anatomy", "02_quantizer_study", "03_train_codec", "04_compare", "05_codebook_audit",
+             "06_cpu_recipe")
+SCALE_KEYS = ("corpus", "cell_timeout_s", "notebooks", "codec", "quantizer", "anatomy", "audit", "compare", "recipe")
+CODEC_KEYS = ("arms", "seeds", "arm_seeds", "nproc_per_node", "evaluate", "set")
 QUANTIZER_KEYS = ("latents_from", "base", "grid")
+RECIPE_KEYS = ("arm", "steps", "valid_every", "seed", "variants")
+VARIANT_KEYS = ("change", "set")
+OPUS_BITRATES = [0.5, 6.0, 12.0, 24.0]  # kbps asked of opusenc (0.5: the lowest it accepts, its floor)
 FINAL = ("complete", "failed", "skipped", "not selected")
 OFFICIAL_ENCODEC = Path.home() / ".cache" / "torch" / "hub" / "checkpoints" / "encodec_24khz-d7cc33bc.th"
 
@@ -143,8 +147,14 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     nproc = codec.get("nproc_per_node", 1)
     if not isinstance(nproc, int) or nproc < 1:
         raise StudyError(f"scales.{scale}.codec.nproc_per_node: got {nproc!r}, allowed an integer >= 1")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or not seeds:
-        raise StudyError(f"scales.{scale}.codec.seeds: got {seeds!r}, allowed a non-empty list of integers")
+    arm_seeds = codec.get("arm_seeds") or {}  # arm -> its own seeds (e.g. fewer for a costly peer arm)
+    if not isinstance(arm_seeds, dict) or not set(arm_seeds) <= set(arms):
+        raise StudyError(f"scales.{scale}.codec.arm_seeds: got {arm_seeds!r}, allowed a mapping of the codec "
+                         f"arms {arms} to lists of seeds")
+    for where, values in [("seeds", seeds)] + [(f"arm_seeds.{a}", v) for a, v in arm_seeds.items()]:
+        if not isinstance(values, list) or not values or \
+                not all(isinstance(s, int) and not isinstance(s, bool) for s in values):
+            raise StudyError(f"scales.{scale}.codec.{where}: got {values!r}, allowed a non-empty list of integers")
     cells: list[Cell] = []
     codec_runs: dict[tuple[str, int], Cell] = {}
 
@@ -156,7 +166,7 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
             if not arm_file.is_file():
                 known = sorted(p.stem for p in (params / "arms").glob("*.yaml"))
                 raise StudyError(f"scales.{scale}.codec.arms: {arm!r} unknown; allowed {known}")
-            for seed in seeds:
+            for seed in arm_seeds.get(arm, seeds):
                 sets = {**(codec.get("set") or {}), "seed": seed, "manifest": str(manifest.resolve()),
                         "progress": False}
                 cfg = _codec_config(scale_file, arm_file, sets)
@@ -173,6 +183,11 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
             raise StudyError(f"scales.{scale}.{key}: {arm!r} is not among the codec arms {arms}")
         return codec_runs[(arm, seeds[0])]
 
+    compare = {"evaluate": dict(codec.get("evaluate") or {}), "opus_bitrates": OPUS_BITRATES,
+               **(settings.get("compare") or {})}
+    if "06_cpu_recipe" in notebooks:
+        cells.append(_recipe_cell(scale, settings.get("recipe") or {}, scale_file, params, manifest, seeds,
+                                  codec_runs, compare))
     if "02_quantizer_study" in notebooks:
         q = settings.get("quantizer") or {}
         source = codec_run("quantizer.latents_from", q.get("latents_from", "fixed_rel"))
@@ -190,7 +205,6 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
             "runs": [c.name for c in audited], "official": str(OFFICIAL_ENCODEC), **audit,
         }, needs=tuple(c.name for c in audited)))
     if "04_compare" in notebooks:
-        compare = {"evaluate": dict(codec.get("evaluate") or {}), **(settings.get("compare") or {})}
         cells.append(Cell("04_compare", "04_compare", compare,
                           needs=tuple(c.name for c in cells), always=True))
 
@@ -209,6 +223,41 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     if not isinstance(timeout, int) or timeout < 1:
         raise StudyError(f"scales.{scale}.cell_timeout_s: got {timeout!r}, allowed an integer >= 1 (seconds)")
     return StudyPlan(scale, results, manifest, corpus, timeout, cells, selected)
+
+
+def _recipe_cell(scale: str, recipe: dict, scale_file: Path, params: Path, manifest: Path, seeds: list[int],
+                 codec_runs: dict[tuple[str, int], Cell], compare: dict) -> Cell:
+    """The recipe study (06): its variants validated as TrainConfigs now; it shows the grid's runs of its
+    arm (the chosen recipe, every seed) beside them, so it needs those."""
+    where = f"scales.{scale}.recipe"
+    _check_keys(where, recipe, RECIPE_KEYS)
+    arm = recipe.get("arm", "none")
+    arm_file = params / "arms" / f"{arm}.yaml"
+    if not arm_file.is_file():
+        known = sorted(p.stem for p in arm_file.parent.glob("*.yaml"))
+        raise StudyError(f"{where}.arm: {arm!r} unknown; allowed {known}")
+    variants = recipe.get("variants") or {}
+    if not isinstance(variants, dict) or not variants:
+        raise StudyError(f"{where}.variants: got {variants!r}, allowed a mapping name -> {{change, set}}")
+    steps, valid_every, seed = recipe.get("steps", 400), recipe.get("valid_every", 50), recipe.get("seed", 0)
+    for name, value in (("steps", steps), ("valid_every", valid_every), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
+            raise StudyError(f"{where}.{name}: got {value!r}, allowed an integer >= {0 if name == 'seed' else 1}")
+    for name, variant in variants.items():
+        _check_keys(f"{where}.variants.{name}", variant, VARIANT_KEYS)
+        try:
+            _codec_config(scale_file, arm_file, {**(variant.get("set") or {}), "steps": steps,
+                                                  "valid_every": valid_every, "seed": seed})
+        except cfglib.ConfigError as e:
+            raise StudyError(f"{where}.variants.{name}.set: {e}") from None
+    chosen = [codec_runs[(arm, s)] for s in seeds if (arm, s) in codec_runs]
+    return Cell("06_cpu_recipe", "06_cpu_recipe", {
+        "params": [str(scale_file.resolve()), str(arm_file.resolve())],
+        "variants": {name: {"change": str(v.get("change", name)), "set": dict(v.get("set") or {})}
+                     for name, v in variants.items()},
+        "steps": steps, "valid_every": valid_every, "seed": seed, "chosen_runs": [c.name for c in chosen],
+        "evaluate": compare["evaluate"], "opus_bitrates": compare["opus_bitrates"],
+    }, needs=tuple(c.name for c in chosen))
 
 
 # -------------------------------------------------------------------------------------------- run

@@ -50,7 +50,8 @@ def test_every_scale_expands_into_valid_runs(scale):
     plan = study.plan_study(scale, results="results")
     names = [c.name for c in plan.cells]
     assert len(names) == len(set(names))
-    assert {c.notebook for c in plan.cells} == set(study.NOTEBOOKS) and plan.results.is_absolute()
+    listed = study.load_study(ROOT / "params" / "study.yaml", scale).get("notebooks", study.NOTEBOOKS)
+    assert {c.notebook for c in plan.cells} == set(listed) and plan.results.is_absolute()
     for cell in plan.cells:
         assert set(cell.needs) <= set(names), cell.name
         assert cell.parameters["out_dir"] == str((Path("results") / scale / cell.name).resolve())
@@ -59,6 +60,17 @@ def test_every_scale_expands_into_valid_runs(scale):
     assert {c.arm for c in codec} == {"none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch"}
     compare = next(c for c in plan.cells if c.notebook == "04_compare")
     assert compare.always and set(compare.needs) == set(names) - {compare.name}
+    recipe = [c for c in plan.cells if c.notebook == "06_cpu_recipe"]
+    if recipe:  # it shows every seed of the grid's none arm as the chosen recipe
+        none_runs = sorted(c.name for c in codec if c.arm == "none")
+        assert sorted(recipe[0].needs) == sorted(recipe[0].parameters["chosen_runs"]) == none_runs
+
+
+def test_the_cpu_scale_runs_three_seeds_per_expiry_arm_and_one_peer_run():
+    codec = [c for c in study.plan_study("cpu").cells if c.notebook == "03_train_codec"]
+    seeds = {arm: sorted(c.seed for c in codec if c.arm == arm) for arm in {c.arm for c in codec}}
+    assert seeds == {"none": [0, 1, 2], "upstream": [0, 1, 2], "fixed_abs2": [0, 1, 2], "fixed_rel": [0, 1, 2],
+                     "vqtorch": [0]}
 
 
 def test_only_selects_arms_and_notebooks_and_always_the_comparison():
@@ -93,6 +105,14 @@ def _params_copy(tmp_path: Path, edit) -> Path:
          "eval_frame: unknown key; allowed keys:"),
         (lambda t: t.replace("latents_from: fixed_rel", "latents_from: vqtorch2", 1), [],
          "scales.smoke.quantizer.latents_from: 'vqtorch2' is not among the codec arms"),
+        (lambda t: t.replace("raw_sum: {change: \"the weights as a raw sum\", set: {balancer: false}}",
+                             "raw_sum: {change: x, set: {balancr: false}}", 1), [],
+         "scales.smoke.recipe.variants.raw_sum.set: balancr: unknown key; allowed keys:"),
+        (lambda t: t.replace("raw_sum: {change: \"the weights as a raw sum\", set: {balancer: false}}",
+                             "raw_sum: {change: x, sett: {}}", 1), [],
+         "scales.smoke.recipe.variants.raw_sum.sett: unknown key; allowed keys: change, set"),
+        (lambda t: t.replace("      steps: 10\n      valid_every: 5", "      steps: 0\n      valid_every: 5", 1), [],
+         "scales.smoke.recipe.steps: got 0, allowed an integer >= 1"),
     ],
 )
 def test_bad_params_are_one_line_errors_before_anything_runs(tmp_path, capsys, edit, args, message):
@@ -239,6 +259,24 @@ def test_smoke_study_writes_tidy_tables(smoke_study):
     assert {"upstream", "none", "fixed_abs2", "fixed_rel", "vqtorch"} <= set(summary.arm)
     audit = pd.read_csv(root / "05_codebook_audit" / "audit.csv")
     assert {"checkpoint", "level", "sum", "below", "dead_floor", "eval_usage"} <= set(audit)
+
+
+def test_recipe_study_trains_its_variants_and_checks_the_chosen_recipe(smoke_study):
+    root = smoke_study / "smoke" / "06_cpu_recipe"
+    variants = pd.read_csv(root / "recipe_variants.csv")
+    assert list(variants.variant) == ["encodec", "raw_sum"] and (variants.steps == 10).all()
+    assert variants[["test_si_sdr", "test_mel_distance", "test_perplexity_l0"]].notna().all().all()
+    curves = pd.read_parquet(root / "recipe_curves.parquet")
+    assert set(curves.variant) == {"encodec", "raw_sum", "chosen recipe"}
+    assert {"step", "minutes", "si_sdr", "mel_distance", "perplexity_l0"} <= set(curves.columns)
+    targets = pd.read_csv(root / "recipe_targets.csv")  # the grid's none run (seed 0), judged on the test windows
+    assert len(targets) == 1 and {"si_sdr_ok", "perplexity_l0_ok", "mel_distance_ok", "meets_targets"} <= set(targets)
+    trace = pd.read_csv(root / "signal_trace.csv")
+    latent = trace[trace.part == "encoder"].groupby("init").last()
+    assert latent.loc["unit_gain", "spread"] >= 0.5 * latent.loc["unit_gain", "std"]
+    assert latent.loc["pytorch", "spread"] < 0.05 * latent.loc["pytorch", "std"]
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["chosen"]["runs"] == targets.run.tolist() and summary["best_variant"] in ("encodec", "raw_sum")
 
 
 def test_the_headline_holds_in_the_smoke_study(smoke_study):
