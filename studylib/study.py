@@ -186,8 +186,10 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     compare = {"evaluate": dict(codec.get("evaluate") or {}), "opus_bitrates": OPUS_BITRATES,
                **(settings.get("compare") or {})}
     if "06_cpu_recipe" in notebooks:
-        cells.append(_recipe_cell(scale, settings.get("recipe") or {}, scale_file, params, manifest, seeds,
-                                  codec_runs, compare))
+        recipe = _recipe_cell(scale, settings.get("recipe") or {}, scale_file, params, codec_runs, compare)
+        # right after the runs it needs: with --jobs > 1 its variants train beside the other arms' runs
+        after = max((i for i, c in enumerate(cells) if c.name in recipe.needs), default=len(cells) - 1)
+        cells.insert(after + 1, recipe)
     if "02_quantizer_study" in notebooks:
         q = settings.get("quantizer") or {}
         source = codec_run("quantizer.latents_from", q.get("latents_from", "fixed_rel"))
@@ -225,8 +227,8 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     return StudyPlan(scale, results, manifest, corpus, timeout, cells, selected)
 
 
-def _recipe_cell(scale: str, recipe: dict, scale_file: Path, params: Path, manifest: Path, seeds: list[int],
-                 codec_runs: dict[tuple[str, int], Cell], compare: dict) -> Cell:
+def _recipe_cell(scale: str, recipe: dict, scale_file: Path, params: Path, codec_runs: dict[tuple[str, int], Cell],
+                 compare: dict) -> Cell:
     """The recipe study (06): its variants validated as TrainConfigs now; it shows the grid's runs of its
     arm (the chosen recipe, every seed) beside them, so it needs those."""
     where = f"scales.{scale}.recipe"
@@ -250,7 +252,7 @@ def _recipe_cell(scale: str, recipe: dict, scale_file: Path, params: Path, manif
                                                   "valid_every": valid_every, "seed": seed})
         except cfglib.ConfigError as e:
             raise StudyError(f"{where}.variants.{name}.set: {e}") from None
-    chosen = [codec_runs[(arm, s)] for s in seeds if (arm, s) in codec_runs]
+    chosen = [cell for (run_arm, _), cell in codec_runs.items() if run_arm == arm]
     return Cell("06_cpu_recipe", "06_cpu_recipe", {
         "params": [str(scale_file.resolve()), str(arm_file.resolve())],
         "variants": {name: {"change": str(v.get("change", name)), "set": dict(v.get("set") or {})}
