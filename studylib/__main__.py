@@ -30,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"studylib: unknown command {name!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
         return 2
     module, func = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    from studylib.config import UserError
+
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except UserError as e:  # a command that let a user's mistake through still answers in one line
+        print(f"studylib {name}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
