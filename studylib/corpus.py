@@ -36,6 +36,8 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
+from studylib.config import UserError
+
 SAMPLE_RATE = 24_000
 SPLITS = ("train", "valid", "test")
 KINDS = ("speech", "music")
@@ -46,6 +48,10 @@ APT_INSTALL = "apt-get install -y --no-install-recommends"
 
 class CorpusError(RuntimeError):
     """A build that cannot produce a usable corpus; the CLI prints it as one line and exits 2."""
+
+
+class ManifestError(UserError):
+    """A manifest that is missing, unreadable or lists files that are not there; one line naming it."""
 
 
 class EmptySplitError(CorpusError):
@@ -228,15 +234,24 @@ def build_corpus(
     out_dir = Path(out_dir)
     profile_dir = out_dir / _check_profile(profile, audio_dir)
     audio_root = profile_dir / "audio"
-    if audio_dir is None:
-        planned, downloaded = _plan_profile(PROFILES[profile], out_dir / "cache", audio_root)
-    else:
-        planned, downloaded = _plan_audio_dir(Path(audio_dir), kind, audio_root, fractions), 0
-    results = _run_jobs(planned, jobs or os.cpu_count() or 1)
-    for result in results:
-        for message in result.skipped:
-            _warn(f"skipped {message}")
-    frame = _manifest_frame(profile_dir, results)
+    fresh = [folder for folder in (profile_dir, out_dir) if not folder.exists()]
+    try:
+        if audio_dir is None:
+            planned, downloaded = _plan_profile(PROFILES[profile], out_dir / "cache", audio_root)
+        else:
+            planned, downloaded = _plan_audio_dir(Path(audio_dir), kind, audio_root, fractions), 0
+        results = _run_jobs(planned, jobs or os.cpu_count() or 1)
+        for result in results:
+            for message in result.skipped:
+                _warn(f"skipped {message}")
+        frame = _manifest_frame(profile_dir, results)
+    except CorpusError:
+        # a first build that cannot make a corpus leaves nothing behind (downloads in out_dir/cache stay)
+        if profile_dir in fresh:
+            shutil.rmtree(profile_dir, ignore_errors=True)
+        if out_dir in fresh and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     manifest = profile_dir / "manifest.csv"
     # Written last and atomically, so a manifest only ever names segments that exist.
     tmp = manifest.with_name(f".manifest.csv.tmp{os.getpid()}")
@@ -247,13 +262,41 @@ def build_corpus(
     return manifest
 
 
-def load_manifest(path: str | Path) -> pd.DataFrame:
-    """Read a manifest, keeping group names such as "NA" or "01" as strings."""
+def load_manifest(path: str | Path, check_files: bool = False) -> pd.DataFrame:
+    """Read a manifest, keeping group names such as "NA" or "01" as strings.
+
+    Every check of a manifest lives here, so a bad one is one line naming it (ManifestError) before a run
+    writes anything: the path is a file, a CSV with our columns and splits, and (check_files) every audio
+    file it lists exists beside it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder; give the manifest.csv file that `studylib corpus` wrote in it")
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such manifest; build one with `studylib corpus --profile ci` (or "
+                            "--audio-dir DIR) or give the path of an existing manifest.csv")
     dtypes = {column: str for column in COLUMNS} | {"seconds": float}
-    frame = pd.read_csv(path, dtype=dtypes, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype=dtypes, keep_default_na=False)
+    except (OSError, ValueError) as error:  # pandas' parser, dtype and decoding errors are ValueErrors
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        raise ManifestError(f"{path}: not a readable manifest CSV ({reason}); expected the columns "
+                            f"{','.join(COLUMNS)}") from None
     if list(frame.columns) != COLUMNS:
-        raise CorpusError(f"{path}: columns {list(frame.columns)}, expected {COLUMNS}")
+        raise ManifestError(f"{path}: columns {list(frame.columns)}, expected {COLUMNS}")
+    if unknown := sorted(set(frame["split"]) - set(SPLITS)):
+        raise ManifestError(f"{path}: split {unknown[0]!r} unknown; allowed {', '.join(SPLITS)}")
+    if check_files:
+        check_audio_files(path, frame)
     return frame
+
+
+def check_audio_files(path: str | Path, frame: pd.DataFrame) -> None:
+    """ManifestError unless every audio file the manifest at `path` lists (its `frame`) exists."""
+    path = Path(path)
+    missing = [name for name in frame["path"] if not (path.parent / name).is_file()]
+    if missing:
+        raise ManifestError(f"{path}: {len(missing)} of the {len(frame)} audio files it lists are missing "
+                            f"(e.g. {path.parent / missing[0]}); rebuild the corpus or fix the manifest")
 
 
 def cli(argv: list[str]) -> int:
@@ -269,7 +312,7 @@ def cli(argv: list[str]) -> int:
         parser.error(f"--profile is required: one of {', '.join(PROFILES)} (or pass --audio-dir)")
     try:
         build_corpus(profile, args.out, args.audio_dir, kind=args.kind, jobs=max(1, args.jobs))
-    except CorpusError as error:
+    except (CorpusError, UserError) as error:
         print(f"studylib corpus: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -590,11 +633,17 @@ def _process(job: GroupJob) -> GroupResult:
             try:
                 audio, rate = _load(item, job.file_cap_s)
             except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as error:
-                skipped.append(f"{_describe(item)}: {' '.join(str(error).split()) or type(error).__name__}")
+                skipped.append(f"{_describe(item)}: {_load_failure(item, error)}")
                 continue
-            if (clip := _prepare(audio, rate)) is not None:
+            # Say why a clip is not used rather than crash on it (NaN) or drop it without a word.
+            if problem := _unusable(audio, rate):
+                skipped.append(f"{_describe(item)}: {problem}")
+            elif (clip := _prepare(audio, rate)) is not None:
                 writer.add(clip)
         writer.flush()
+        if writer.dropped_s:
+            skipped.append(f"group {job.group} of {job.source}: {writer.dropped_s:.2f} s of short clips left "
+                           f"over, under min_segment_s = {RECIPE.min_segment_s:g} s; not used")
         (tmp / "segments.json").write_text(json.dumps({"segments": writer.segments, "skipped": skipped}))
         os.replace(tmp, job.folder)
     record = json.loads(index.read_text())
@@ -604,6 +653,26 @@ def _process(job: GroupJob) -> GroupResult:
 
 def _describe(item: Path | SynthText) -> str:
     return str(item) if isinstance(item, Path) else f"{item.tool} {item.voice} ({item.text[:40]}...)"
+
+
+def _load_failure(item: Path | SynthText, error: Exception) -> str:
+    """Why a clip could not be read, as one line (libsndfile's message names the file again: dropped)."""
+    reason = re.sub(r"^Error opening '.*?': ", "", " ".join(str(error).split())) or type(error).__name__
+    if isinstance(item, SynthText):
+        return f"synthesis failed ({reason})"
+    return f"{'could not be rendered' if item.suffix == '.mid' else 'undecodable'} ({reason})"
+
+
+def _unusable(audio: np.ndarray, rate: int) -> str | None:
+    """Why a decoded clip cannot go into the corpus, or None if it can."""
+    if not np.isfinite(audio).all():
+        return "holds NaN or Inf samples"
+    mono = audio.mean(axis=1)
+    if not mono.any():
+        return "silent (every sample is zero)"
+    if _trim(mono).size < RECIPE.min_clip_s * rate:
+        return f"too short: under min_clip_s = {RECIPE.min_clip_s:g} s of sound once silence is trimmed"
+    return None
 
 
 def _load(item: Path | SynthText, file_cap_s: float | None) -> tuple[np.ndarray, int]:
@@ -661,6 +730,7 @@ class _SegmentWriter:
         self.pending: list[np.ndarray] = []
         self.gap = np.zeros(int(RECIPE.gap_s * SAMPLE_RATE), dtype=np.float32)
         self.size = int(RECIPE.segment_s * SAMPLE_RATE)
+        self.dropped_s = 0.0  # joined short clips under min_segment_s: reported, not used
 
     def add(self, clip: np.ndarray) -> None:
         if clip.size >= self.size:
@@ -678,6 +748,8 @@ class _SegmentWriter:
             self.pending = []
             if joined.size >= RECIPE.min_segment_s * SAMPLE_RATE:
                 self._write(joined)
+            else:
+                self.dropped_s += joined.size / SAMPLE_RATE
 
     def _write(self, audio: np.ndarray) -> None:
         name = f"{len(self.segments):04d}.flac"
@@ -695,6 +767,9 @@ def _manifest_frame(profile_dir: Path, results: list[GroupResult]) -> pd.DataFra
         for r in results
         for path, seconds in r.segments
     ]
+    if not rows:
+        files = sum(len(r.job.inputs) for r in results)
+        raise CorpusError(f"no usable audio: all {files} input files were skipped (see the warnings above)")
     frame = pd.DataFrame(rows, columns=COLUMNS).sort_values(["split", "kind", "source", "group", "path"])
     for split in SPLITS:
         if not (frame["split"] == split).any():

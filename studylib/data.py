@@ -9,7 +9,11 @@ import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
-from studylib.corpus import SAMPLE_RATE, SPLITS, load_manifest
+from studylib.corpus import SAMPLE_RATE, SPLITS, ManifestError, check_audio_files, load_manifest
+
+
+class NonFiniteAudio(ManifestError):
+    """An audio file of the corpus holds NaN or Inf samples; the message names it."""
 
 
 class AudioDataset(Dataset):
@@ -18,7 +22,11 @@ class AudioDataset(Dataset):
     Training crops are random but a pure function of (seed, epoch, index), so a resumed run sees the
     same crops; call `set_epoch` at the start of each epoch. Valid/test items are the fixed,
     non-overlapping windows of every segment, so every evaluation sees the same audio. `train`
-    defaults to `split == "train"`. Segments shorter than a crop are zero-padded at the end."""
+    defaults to `split == "train"`. Segments shorter than a crop are zero-padded at the end.
+
+    The manifest is checked whole when the dataset is made (ManifestError naming it: missing, a folder,
+    other columns, listed files missing, another sample rate), and every crop as it is read (NonFiniteAudio
+    naming the file), so bad data stops a run with a reason instead of training on NaN."""
 
     def __init__(
         self,
@@ -31,14 +39,20 @@ class AudioDataset(Dataset):
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        rows = load_manifest(manifest).query("split == @split")
+        frame = load_manifest(manifest)
+        rows = frame.query("split == @split")
         if rows.empty:
-            raise ValueError(f"split {split!r} is empty in {manifest}")
+            raise ManifestError(f"split {split!r} is empty in {manifest}")
+        check_audio_files(manifest, frame)  # all of them: a run should not find out at its evaluation
         root = Path(manifest).parent
         self.files = [root / path for path in rows["path"]]
         self.frames = [round(seconds * sample_rate) for seconds in rows["seconds"]]
-        if (rate := sf.info(str(self.files[0])).samplerate) != sample_rate:
-            raise ValueError(f"{self.files[0]} is {rate} Hz, not the requested {sample_rate} Hz")
+        try:
+            rate = sf.info(str(self.files[0])).samplerate
+        except (RuntimeError, OSError) as error:  # soundfile's LibsndfileError is a RuntimeError
+            raise ManifestError(f"{self.files[0]}: undecodable audio ({' '.join(str(error).split())[-120:]})") from None
+        if rate != sample_rate:
+            raise ManifestError(f"{self.files[0]} is {rate} Hz, not the requested {sample_rate} Hz")
         self.length = round(segment_seconds * sample_rate)
         self.train = split == "train" if train is None else train
         self.seed = seed
@@ -68,6 +82,9 @@ class AudioDataset(Dataset):
             segment, start = self.windows[index]
         audio, _ = sf.read(str(self.files[segment]), start=start, frames=self.length, dtype="float32",
                            always_2d=True)
+        if not np.isfinite(audio).all():
+            raise NonFiniteAudio(f"{self.files[segment]}: holds NaN or Inf samples; remove it from the manifest or "
+                                 "rebuild the corpus (`studylib corpus` skips such files)")
         crop = torch.zeros(1, self.length)
         crop[0, : audio.shape[0]] = torch.from_numpy(audio.mean(axis=1))
         return crop
