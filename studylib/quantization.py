@@ -190,7 +190,7 @@ def kmeans(
     if num_iters < 1:
         raise ValueError(f"kmeans_iters: got {num_iters}, allowed an integer >= 1 when kmeans_init")
     if not torch.isfinite(samples).all():
-        raise NonFiniteError("k-means init: the first training batch holds NaN or Inf")
+        raise NonFiniteError("k-means init: the frames to cluster hold NaN or Inf")
     means = sample_vectors(samples, num_clusters, generator)
     counts = torch.zeros(num_clusters, dtype=torch.long, device=samples.device)
     uniq_s, sample_of = torch.unique(samples, dim=0, return_inverse=True)  # frames are fixed: dedup once

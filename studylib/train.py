@@ -12,6 +12,8 @@ checkpoint, so a killed run resumed from its last checkpoint ends identical to a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -32,9 +34,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from studylib import config as cfglib
-from studylib import distributed, metrics
+from studylib import distributed, locks, metrics
 from studylib.codec import QUANTIZERS, Codec, CodecConfig
-from studylib.data import AudioDataset
+from studylib.config import UserError
+from studylib.data import AudioDataset, NonFiniteAudio
 from studylib.discriminator import MultiScaleSTFTDiscriminator, discriminator_step_loss, generator_losses
 from studylib.losses import Balancer, MultiScaleMelLoss, neg_si_sdr
 from studylib.quantization import MODES, THRESHOLD_KINDS, ExpiryConfig, NonFiniteError
@@ -134,6 +137,11 @@ class TrainConfig(QuantizerFields):
         cfglib.check_choice("ddp_buffers", self.ddp_buffers, DDP_BUFFERS)
         positive = ("segment_seconds", "batch_size", "steps", "lr", "log_every", "valid_every", "valid_items",
                     "checkpoint_every", "bins")
+        for field in dataclasses.fields(self):  # NaN passes every comparison below, Inf the lower bounds
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name}: got {value!r}, allowed a finite number"
+                                 + (" > 0" if field.name in positive else ""))
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a value > 0")
@@ -170,7 +178,7 @@ class TrainConfig(QuantizerFields):
 
 
 class TrainingDiverged(RuntimeError):
-    """NaN or Inf in the loss or a codebook."""
+    """NaN or Inf in a loss or a codebook after clean data; the message says at which step."""
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -339,7 +347,12 @@ def train_step(parts: Parts, cfg: TrainConfig, wav: torch.Tensor, bandwidth: flo
 
 
 def train(cfg: TrainConfig) -> Run:
-    """Train (or resume) the run in `cfg.run_dir`; returns when it is complete."""
+    """Train (or resume) the run in `cfg.run_dir`; returns when it is complete (or failed: diverged, or NaN
+    in the data).
+
+    Bad input raises UserError (one line naming the file or folder) before anything is written: the manifest
+    (checked whole by AudioDataset), a run folder in use by another process (`.lock`, held by rank 0), one
+    that cannot be written, and a checkpoint that is unreadable or of another config."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if ddp and not dist.is_initialized():
@@ -351,29 +364,66 @@ def train(cfg: TrainConfig) -> Run:
     else:
         torch.cuda.set_device(device)
 
+    sample_rate = cfg.codec_config().sample_rate
+    train_set = AudioDataset(cfg.manifest, "train", cfg.segment_seconds, sample_rate, seed=cfg.seed)
+    valid_set = AudioDataset(cfg.manifest, "valid", cfg.segment_seconds, sample_rate)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with locks.hold_lock(run_dir, "studylib train") if rank == 0 else contextlib.nullcontext():
+        return _train(cfg, run_dir, train_set, valid_set, device, rank, world)
+
+
+def _resume_checkpoint(path: Path, chash: str, run_dir: Path, device: torch.device) -> dict:
+    """The checkpoint to resume from, accepted only if it is readable and its stored config hashes to the
+    run's: weights of another config must not continue under this run's name."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # the unpickler raises EOFError, UnpicklingError, RuntimeError... by the bytes
+        raise UserError(f"{path}: not a readable checkpoint ({_one_line(e)}); delete it to start the run over, "
+                        "or choose another run_dir") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step", "rows"} <= ckpt.keys():
+        raise UserError(f"{path}: not a studylib run checkpoint (expected keys model, config, step, rows); delete "
+                        "it to start the run over, or choose another run_dir")
+    try:
+        stored = cfglib.config_hash(TrainConfig(**ckpt["config"]), exclude=("run_dir", "progress"))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its stored config is not readable by this studylib ({_one_line(e)}); choose "
+                        "another run_dir") from None
+    if stored != chash:
+        raise UserError(f"run_dir: {run_dir} holds a run of another config (checkpoint.pt: {stored}, this run: "
+                        f"{chash}); choose another run_dir")
+    return ckpt
+
+
+def _one_line(error: Exception, limit: int = 120) -> str:
+    """An exception as a short line: its type and first sentence."""
+    text = " ".join(str(error).split()).split(". ")[0][:limit]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _train(cfg: TrainConfig, run_dir: Path, train_set: AudioDataset, valid_set: AudioDataset, device: torch.device,
+           rank: int, world: int) -> Run:
+    """`train` with the inputs checked and the run folder locked."""
     manifest_path, ckpt_path, metrics_path = (run_dir / n for n in ("manifest.json", "checkpoint.pt",
                                                                      "metrics.parquet"))
     chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress"))
-    previous = read_manifest(run_dir)
-    if previous and previous.get("config_hash") != chash and ckpt_path.exists():
-        raise ValueError(f"run_dir: {run_dir} holds a run of another config ({previous.get('config_hash')} vs "
-                         f"{chash}); choose another run_dir")
+    try:
+        previous = read_manifest(run_dir)
+    except ValueError:  # not JSON (edited by hand?): it is rewritten below
+        previous = None
+    ckpt = _resume_checkpoint(ckpt_path, chash, run_dir, device) if ckpt_path.exists() else None
 
     parts = build_parts(cfg, device)
     model = parts.model
     codec_cfg = model.config
-    train_set = AudioDataset(cfg.manifest, "train", cfg.segment_seconds, codec_cfg.sample_rate, seed=cfg.seed)
-    valid_set = AudioDataset(cfg.manifest, "valid", cfg.segment_seconds, codec_cfg.sample_rate)
 
     start, rows, started = 0, [], datetime.now(UTC).isoformat()
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if ckpt is not None:
         parts.load(ckpt)
         start, rows = ckpt["step"], ckpt["rows"]
         started = (previous or {}).get("started", started)
+        del ckpt
 
+    use_cuda = device.type == "cuda"
     manifest = {
         "status": "running", "config": cfglib.to_dict(cfg), "config_hash": chash, "seed": cfg.seed,
         "git_commit": _git_commit(), "versions": _versions(), "python": platform.python_version(),
@@ -390,17 +440,26 @@ def train(cfg: TrainConfig) -> Run:
             _atomic_save({**parts.state(), "step": step, "rows": rows, "config": cfglib.to_dict(cfg)}, ckpt_path)
 
     t_start = time.perf_counter()
+    done = start
     try:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=run_dir.name,
                    disable=not cfg.progress or rank != 0, dynamic_ncols=True)
         for step in bar:
+            done = step + 1
             wav = _train_batch(train_set, cfg, step, rank).to(device)
+            if not torch.isfinite(wav).all():
+                raise NonFiniteAudio("the training batch holds NaN or Inf samples")
             bandwidth = cfg.bandwidths[int(torch.randint(len(cfg.bandwidths), (1,),
                                                          generator=_step_generator(cfg.seed, step)))]
-            if step == cfg.quantizer_warmup and cfg.kmeans_frames > 0:
-                _init_codebooks(model, train_set, cfg, rank, device)
-            scalars = train_step(parts, cfg, wav, bandwidth, step, world)
-            done = step + 1
+            try:
+                if step == cfg.quantizer_warmup and cfg.kmeans_frames > 0:
+                    _init_codebooks(model, train_set, cfg, rank, device)
+                scalars = train_step(parts, cfg, wav, bandwidth, step, world)
+            except NonFiniteError as e:  # the batch is finite: the model's own numbers went bad
+                raise TrainingDiverged(f"diverged at step {done}: {e}") from None
+            # every step, not only logged ones, so the message names the step where it happened
+            if not torch.isfinite(scalars["loss"]):
+                raise TrainingDiverged(f"diverged at step {done}: the training loss is {float(scalars['loss'])}")
             if done % cfg.log_every == 0 or done == cfg.steps:
                 row = {"step": done, "split": "train", "seconds": time.perf_counter() - t_start,
                        **_scalars(scalars), **_codebook_totals(model)}
@@ -408,17 +467,20 @@ def train(cfg: TrainConfig) -> Run:
                 rows.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", used_l0=row.get("used_l0"))
             if done % cfg.valid_every == 0 or done == cfg.steps:
-                rows.append({"step": done, "split": "valid", "seconds": time.perf_counter() - t_start,
-                             **validate(model, parts.mel_loss, valid_set, cfg, device, done > cfg.quantizer_warmup)})
+                scores = validate(model, parts.mel_loss, valid_set, cfg, device, done > cfg.quantizer_warmup)
+                rows.append({"step": done, "split": "valid", "seconds": time.perf_counter() - t_start, **scores})
                 model.train()
+                if not math.isfinite(scores["loss"]):  # a model that is NaN on held-out audio has diverged too
+                    raise TrainingDiverged(f"diverged at step {done}: the validation loss is {scores['loss']}")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 checkpoint(done)
-    except (TrainingDiverged, NonFiniteError) as e:
-        manifest.update(status="failed", error=str(e), finished=datetime.now(UTC).isoformat())
+    except (TrainingDiverged, NonFiniteAudio) as e:
+        error = str(e) if isinstance(e, TrainingDiverged) else f"step {done}: {e}"
+        manifest.update(status="failed", error=error, finished=datetime.now(UTC).isoformat())
         if rank == 0:
             _write_manifest(manifest_path, manifest)
             _write_metrics(rows, metrics_path)
-        print(f"studylib train: {e}", file=sys.stderr)
+        print(f"studylib train: {error}", file=sys.stderr)
         return Run(run_dir, "failed", rows[-1]["step"] if rows else start, pd.DataFrame(rows))
     except BaseException as e:  # interrupted or crashed: the last checkpoint stays resumable
         manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=datetime.now(UTC).isoformat(),
@@ -494,10 +556,10 @@ def _codebook_totals(model: Codec) -> dict[str, float]:
 
 def _check_finite(row: dict, model: Codec, step: int) -> None:
     if not math.isfinite(row["loss"]):
-        raise TrainingDiverged(f"loss is {row['loss']} at step {step}")
+        raise TrainingDiverged(f"diverged at step {step}: the training loss is {row['loss']}")
     for level, cb in enumerate(model.quantizer.codebooks):
         if not torch.isfinite(cb.embed).all():
-            raise TrainingDiverged(f"codebook of level {level} holds NaN/Inf at step {step}")
+            raise TrainingDiverged(f"diverged at step {step}: the codebook of level {level} holds NaN or Inf")
 
 
 @torch.no_grad()
@@ -543,15 +605,44 @@ def checkpoint_path(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Codec, TrainConfig, dict]:
-    """The codec (eval mode), config and raw checkpoint of a run's `checkpoint.pt` (or its run folder)."""
+    """The codec (eval mode), config and raw checkpoint of a run's `checkpoint.pt` (or its run folder).
+    UserError (one line naming the file) if it is unreadable, not a run checkpoint, or its weights do not
+    fit its stored config."""
     path = checkpoint_path(path)
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # zero bytes, text, a truncated zip...: the unpickler's error depends on the bytes
+        raise UserError(f"{path}: not a readable checkpoint ({_one_line(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a studylib run checkpoint (expected keys 'model' and 'config')")
-    cfg = TrainConfig(**ckpt["config"])
+        raise UserError(f"{path}: not a studylib run checkpoint (expected keys 'model' and 'config')")
+    try:
+        cfg = TrainConfig(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its stored config is not readable by this studylib ({_one_line(e)})") from None
     codec = Codec(cfg.codec_config()).to(device)
+    if problem := weights_mismatch(ckpt["model"], codec.state_dict()):
+        raise UserError(f"{path}: the weights do not fit the stored config (model {cfg.model}, quantizer "
+                        f"{cfg.quantizer}): {problem}")
     codec.load_state_dict(ckpt["model"])
     return codec.eval(), cfg, ckpt
+
+
+def weights_mismatch(state_dict: dict, expected: dict) -> str | None:
+    """How a state dict differs from the one a model expects, in one line (None if its keys and shapes fit):
+    torch's own message lists every key, a hundred lines for a model of another size."""
+    if not isinstance(state_dict, dict):
+        return f"expected a state dict, got {type(state_dict).__name__}"
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [k for k in expected if k in state_dict and tuple(getattr(state_dict[k], "shape", ())) != tuple(
+        expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"{len(keys)} {what}" for keys, what in ((shapes, "of another shape"), (missing, "missing"),
+                                                       (unexpected, "unexpected")) if keys]
+    example = (f"e.g. {shapes[0]} is {list(state_dict[shapes[0]].shape)}, expected {list(expected[shapes[0]].shape)}"
+               if shapes else f"e.g. {(missing or unexpected)[0]}")
+    return f"{', '.join(parts)} of {len(expected)} tensors ({example})"
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -565,10 +656,10 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = cfglib.load(TrainConfig, args.params, args.sets)
-    except cfglib.ConfigError as e:
+        run = train(cfg)
+    except UserError as e:  # bad params, manifest, checkpoint or run folder: before anything was written
         print(f"studylib train: {e}", file=sys.stderr)
         return 2
-    run = train(cfg)
     if distributed.is_distributed():
         dist.destroy_process_group()
     return 0 if run.status == "complete" else 1
