@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from studylib import config as cfglib
+from studylib import locks
 from studylib.reports import atomic_write, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +140,13 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     if not scale_file.is_file():
         raise StudyError(f"--scale: {scale_file} does not exist")
     corpus = settings.get("corpus")
-    manifest = Path(manifest) if manifest else Path(data) / str(corpus) / "manifest.csv"
+    given = manifest is not None
+    manifest = Path(manifest) if given else Path(data) / str(corpus) / "manifest.csv"
+    if given or manifest.is_file():
+        # a given manifest must exist (a mistyped path must not start a corpus build), and any must be whole
+        from studylib.corpus import load_manifest
+
+        load_manifest(manifest, check_files=True)
     results = Path(results).resolve() / scale
     notebooks = settings.get("notebooks", list(NOTEBOOKS))
     codec = settings.get("codec", {})
@@ -359,11 +366,16 @@ def _ensure_manifest(plan: StudyPlan, data: Path) -> None:
 
 def run_study(plan: StudyPlan, jobs: int = 1, gpus: list[int] | None = None, data: str | Path = "data",
               verbose: bool = False) -> Outcome:
-    """Execute the selected cells of `plan` in dependency order, `jobs` at a time (or one per GPU)."""
+    """Execute the selected cells of `plan` in dependency order, `jobs` at a time (or one per GPU), holding
+    the results folder's lock (UserError naming the PID if another study holds it)."""
+    _ensure_manifest(plan, Path(data))
+    with locks.hold_lock(plan.results, "studylib study"):
+        return _run_cells(plan, jobs, gpus, verbose)
+
+
+def _run_cells(plan: StudyPlan, jobs: int, gpus: list[int] | None, verbose: bool) -> Outcome:
     from tqdm.auto import tqdm
 
-    _ensure_manifest(plan, Path(data))
-    plan.results.mkdir(parents=True, exist_ok=True)
     outcome, started = Outcome(), time.perf_counter()
     for cell in plan.cells:
         complete = _is_complete(plan, cell)
@@ -587,9 +599,11 @@ def cli(argv: list[str]) -> int:
     selected = [c for c in plan.cells if c.name in plan.selected]
     print(f"studylib study: scale {plan.scale}, {len(selected)} of {len(plan.cells)} runs selected, results in "
           f"{plan.results}")
+    from studylib.corpus import CorpusError
+
     try:
         outcome = run_study(plan, args.jobs, gpus, args.data, args.verbose)
-    except StudyError as e:
+    except (cfglib.UserError, CorpusError) as e:  # a locked or read-only results folder, a corpus not built
         print(f"studylib study: {e}", file=sys.stderr)
         return 2
     index = Path(args.results) / "index.html"
