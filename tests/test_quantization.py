@@ -408,7 +408,7 @@ def test_cluster_sums_are_encodecs_onehot_matmul_bit_for_bit(n, d, k):
 
 
 def test_cluster_sums_fall_back_to_the_matmul_when_no_block_order_matches(monkeypatch):
-    from studylib import quantization as q
+    from studylib import exact as q
 
     monkeypatch.setattr(q, "_BLOCK_CANDIDATES", ())
     monkeypatch.setattr(q, "_BLOCKS", {})
