@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from studylib.quantization import (
-    EuclideanCodebook,
-    ExpiryConfig,
-    ResidualVectorQuantizer,
-    kmeans,
-    nearest_upstream_exact,
-)
+from studylib.exact import encodec_cluster_sums, nearest_upstream_exact
+from studylib.quantization import EuclideanCodebook, ExpiryConfig, ResidualVectorQuantizer, kmeans
 
 encodec_core = pytest.importorskip("encodec.quantization.core_vq")
 encodec_vq = pytest.importorskip("encodec.quantization.vq")
@@ -404,8 +399,6 @@ def test_kmeans_on_non_finite_data_says_so():
 
 @pytest.mark.parametrize("n, d, k", [(600, 128, 1024), (4800, 128, 1024), (100, 32, 256), (1000, 16, 64)])
 def test_cluster_sums_are_encodecs_onehot_matmul_bit_for_bit(n, d, k):
-    from studylib.quantization import encodec_cluster_sums
-
     g = torch.Generator().manual_seed(n)
     for codes_used in (k, 3):  # spread out, and a few long sums crossing every block boundary
         x = torch.randn(n, d, generator=g) * 3
@@ -415,7 +408,7 @@ def test_cluster_sums_are_encodecs_onehot_matmul_bit_for_bit(n, d, k):
 
 
 def test_cluster_sums_fall_back_to_the_matmul_when_no_block_order_matches(monkeypatch):
-    from studylib import quantization as q
+    from studylib import exact as q
 
     monkeypatch.setattr(q, "_BLOCK_CANDIDATES", ())
     monkeypatch.setattr(q, "_BLOCKS", {})

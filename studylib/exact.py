@@ -1,0 +1,139 @@
+"""EnCodec's floating-point results, bit for bit, without EnCodec's cost.
+
+Why this module exists: the study's central control is that our ``upstream`` codebook *is* EnCodec's
+(``torch.equal`` at every step against ``encodec==0.1.1``), and ``none`` is then provably the same codebook
+minus an expiry that changes nothing. Parity needs EnCodec's roundings, but EnCodec gets them from two
+expensive expressions: its k-means scores every frame against every mean through an n x c x d difference
+tensor (~130 s for 8 levels x 50 iterations at 600 frames, K = 1024, on 2 cores), and its EMA sums frames
+per code with an N x K one-hot matmul. Both results are reproduced here exactly and fast:
+
+* `nearest_upstream_exact`: a matmul ranks the means; only those within a rigorous rounding margin of the
+  best are re-scored with EnCodec's own expression, so ties and near-ties resolve exactly as EnCodec's do.
+* `encodec_cluster_sums`: a one-hot product only adds rows of x, in the order the BLAS library's blocking
+  dictates; that order is identified once per shape (and verified), then scatter-adds in the same order
+  give the same bits. Where no order matches (e.g. cuBLAS) the matmul itself is used.
+
+Nothing here decides *what* the codebook does; `studylib.quantization` reads as the algorithm and calls in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["nearest_upstream_exact", "nearest_among_distinct", "encodec_cluster_sums"]
+
+
+def _matmul_unit_roundoff(device: torch.device) -> float:
+    # TF32 / bf16 matmuls (allowed by set_float32_matmul_precision on GPU) round far more coarsely.
+    if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return 2.0**-8
+    return 2.0**-24
+
+
+def nearest_upstream_exact(samples: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """argmax over means of EnCodec's k-means score ``-((s - m) ** 2).sum(-1)``, bit-exact, in O(n c d) matmul.
+
+    EnCodec materialises an n x c x d difference tensor. Here a matmul score ranks the means, and only
+    the means within a rigorous rounding margin of the best are re-scored with EnCodec's expression
+    (the per-row reduction gives identical bits whatever the layout). Identical frames, and identical
+    means where there are many ties, are scored once: they score identically, and residuals of a level
+    whose codes fit their frames are mostly exact zeros. Ties go to the lowest index, as EnCodec's max().
+    """
+    uniq_s, sample_of = torch.unique(samples, dim=0, return_inverse=True)
+    return nearest_among_distinct(uniq_s, means)[sample_of]
+
+
+def _candidate_pairs(uniq_s: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, mean) pairs that rounding could make the exact nearest; rows ascending, then means."""
+    d = uniq_s.shape[1]
+    # Rank on centred data: distances do not change, but the rounding error of the matmul score scales
+    # with |s - c|^2 + |m - c|^2, so latents with a large common offset keep few candidates.
+    center = uniq_s.mean(0)
+    centred_s, centred_m = uniq_s - center, means - center
+    sq_s = centred_s.pow(2).sum(1)  # [n]
+    sq_m = centred_m.pow(2).sum(1)  # [c]
+    score = torch.addmm(sq_m.neg()[None], centred_s, centred_m.t(), alpha=2.0)  # [n, c] = 2 s.m - |m|^2
+    best, best_idx = score.max(dim=1, keepdim=True)
+    # The score, the centring and EnCodec's own expression of pair (s, m) are each within a few
+    # (d + 2) u (|s - c|^2 + |m - c|^2) of the true value, so mean j can beat the best mean b only if
+    # score_j >= score_b - k (2 |s|^2 + |m_j|^2 + |m_b|^2); k = 16 (d + 4) u leaves room to spare. The
+    # bound is per pair: one far-away mean must not widen every row's candidate set.
+    k = 16 * (d + 4) * _matmul_unit_roundoff(uniq_s.device)
+    margin = (sq_m[None, :] + (2 * sq_s[:, None] + sq_m[best_idx])).mul_(k)  # [n, c]
+    return (score >= best - margin).nonzero(as_tuple=True)
+
+
+def nearest_among_distinct(uniq_s: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """`nearest_upstream_exact` for rows that are already distinct (k-means dedups its frames once)."""
+    num_means = means.shape[0]
+    index = torch.arange(num_means, device=means.device)  # candidate column -> original mean index
+    rows, cols = _candidate_pairs(uniq_s, means)
+    if rows.numel() > 16 * uniq_s.shape[0]:
+        # Many exact ties: duplicate means (seeding with replacement when n < K, empty clusters). Identical
+        # means score identically, so keep one of each, standing for its lowest original index.
+        means, mean_of = torch.unique(means, dim=0, return_inverse=True)
+        index = torch.full((means.shape[0],), num_means, device=means.device).scatter_reduce_(
+            0, mean_of, torch.arange(num_means, device=means.device), "amin")
+        rows, cols = _candidate_pairs(uniq_s, means)
+    exact = -((uniq_s[rows] - means[cols]) ** 2).sum(-1)  # EnCodec's expression, per candidate
+    row_max = exact.new_full((uniq_s.shape[0],), -math.inf).scatter_reduce_(0, rows, exact, "amax")
+    first = torch.where(exact == row_max[rows], index[cols], num_means)  # ties: the lowest original index
+    nearest = torch.full((uniq_s.shape[0],), num_means, dtype=torch.long, device=uniq_s.device)
+    return nearest.scatter_reduce_(0, rows, first, "amin")
+
+
+
+# ------------------------------------------------------------------------ EnCodec's cluster sums, fast
+
+# Reduction block sizes to try: BLAS libraries sum a matmul's inner dimension sequentially within blocks
+# of a fixed size and add the blocks in order (MKL on AVX-512 uses 192 for EnCodec's shapes).
+_BLOCK_CANDIDATES = (192, 256, 128, 384, 512, 96, 64, 320, 160, 224, 288, 448, 32)
+_BLOCKS: dict[tuple, int | None] = {}
+
+
+def _onehot_matmul(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """EnCodec's cluster sums, ``(x.t() @ one_hot(embed_ind)).t()`` -> [K, d]."""
+    onehot = x.new_zeros(x.shape[0], num_codes).scatter_(1, embed_ind[:, None], 1.0)
+    return (x.t() @ onehot).t()
+
+
+def _blocked_sums(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: int, block: int) -> torch.Tensor:
+    """Per-code sums of x's rows: in row order within each block of `block` rows, blocks added in order."""
+    out = None
+    for start in range(0, x.shape[0], block):
+        rows = slice(start, start + block)
+        part = x.new_zeros(num_codes, x.shape[1]).index_add_(0, embed_ind[rows], x[rows])
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def _reduction_block(n: int, d: int, num_codes: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    """The block size with which `_blocked_sums` reproduces the matmul bit for bit on this machine, found
+    once per shape on stress data (few codes, so every sum spans many blocks); None if none does."""
+    key = (n, d, num_codes, dtype, device, torch.get_num_threads())
+    if key not in _BLOCKS:
+        g = torch.Generator().manual_seed(n)  # private: the global RNG is not touched
+        trials = [(torch.randn(n, d, generator=g).to(device, dtype),
+                   torch.randint(0, min(num_codes, 4 + t), (n,), generator=g).to(device)) for t in range(3)]
+        _BLOCKS[key] = next(
+            (block for block in (n, *(b for b in _BLOCK_CANDIDATES if b < n))
+             if all(torch.equal(_blocked_sums(x, i, num_codes, block), _onehot_matmul(x, i, num_codes))
+                    for x, i in trials)),
+            None,
+        )
+    return _BLOCKS[key]
+
+
+def encodec_cluster_sums(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """``(x.t() @ one_hot(embed_ind)).t()`` bit for bit, without the N x K one-hot matmul where possible.
+
+    A one-hot product only ever adds rows of x, in the order the BLAS library's blocking dictates; once
+    that order is identified (and verified) for a shape, scatter-adds in the same order give the same
+    bits at a fraction of the cost. Elsewhere (e.g. cuBLAS) it falls back to the matmul itself.
+    """
+    block = _reduction_block(x.shape[0], x.shape[1], num_codes, x.dtype, x.device)
+    if block is None:
+        return _onehot_matmul(x, embed_ind, num_codes)
+    return _blocked_sums(x, embed_ind, num_codes, block)
