@@ -442,6 +442,9 @@ def run_study(plan: StudyPlan, jobs: int = 1, gpus: list[int] | None = None, dat
                     "status": outcome.statuses[c.name], "error": outcome.errors.get(c.name)} for c in plan.cells]}
     write_json(summary, plan.results / "study.json")
     write_index(plan.results.parent)
+    from studylib.findings import write_findings
+
+    write_findings(plan.results.parent)  # results/summary.csv and the README's headline table
     return outcome
 
 
