@@ -17,6 +17,7 @@ COMMANDS = {
     "opus": ("studylib.evaluate", "opus_cli"),
     "audit": ("studylib.audit", "cli"),
     "study": ("studylib.study", "cli"),
+    "findings": ("studylib.findings", "cli"),
 }
 
 

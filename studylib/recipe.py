@@ -8,24 +8,16 @@ the `none` arm; `curves` and `targets` turn their runs into the report's tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from studylib.codec import Codec
 
+CHOSEN = "chosen recipe"  # the label of the grid's runs of the recipe itself
 # The targets of the recipe (study corpus test split, 6 kbps) and the plateau they are measured against.
 TARGETS = {"si_sdr": ("above", 0.0), "perplexity_l0": ("at least", 64.0), "mel_distance": ("at most", 4.0)}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One recipe: a name, what it changes (for the table), and its TrainConfig overrides."""
-
-    name: str
-    change: str
-    overrides: dict
 
 
 @torch.no_grad()
@@ -70,3 +62,88 @@ def targets(scores: pd.DataFrame) -> pd.DataFrame:
             else value <= bound
     out["meets_targets"] = out[[f"{m}_ok" for m in TARGETS]].all(axis=1)
     return out
+
+
+# ------------------------------------------------------------------------------------ the notebook's steps
+
+
+def train_variant(params: list[str], overrides: dict, run_dir: Path, bandwidth: float, evaluate: dict,
+                  manifest: str) -> Path:
+    """Train (or resume) one variant, then score its checkpoint on the test windows at `bandwidth` unless
+    that was done after the checkpoint was written (ViSQOL off: the variants compare on SI-SDR and mel)."""
+    from studylib import study
+    from studylib.evaluate import evaluate as evaluate_run
+
+    study.train_run(params, overrides, run_dir)
+    scores = run_dir / "eval_test.parquet"
+    if not scores.is_file() or scores.stat().st_mtime < (run_dir / "checkpoint.pt").stat().st_mtime:
+        evaluate_run(run_dir, "test", bandwidths=(bandwidth,), manifest=manifest,
+                     progress=overrides.get("progress", False), **{**evaluate, "visqol_items": 0})
+    return run_dir
+
+
+def run_curve(run_dir: Path, label: str) -> pd.DataFrame:
+    """`curves` of a run folder, labelled, with its seed and thread count (CPU minutes depend on them)."""
+    from studylib.reports import read_json
+
+    manifest = read_json(run_dir / "manifest.json")
+    return curves(pd.read_parquet(run_dir / "metrics.parquet")).assign(
+        variant=label, seed=manifest["seed"], threads=manifest["threads"])
+
+
+def test_scores(run_dir: Path, bandwidth: float) -> dict:
+    """A run's test-window scores at `bandwidth`: mean SI-SDR and mel distance over windows, level-0
+    perplexity of all test frames, mean code usage over the levels."""
+    items = pd.read_parquet(run_dir / "eval_test.parquet")
+    levels = pd.read_parquet(run_dir / "eval_test_levels.parquet")
+    items, levels = items[items.bandwidth == bandwidth], levels[levels.bandwidth == bandwidth]
+    return {"si_sdr": items.si_sdr.mean(), "mel_distance": items.mel_distance.mean(),
+            "perplexity_l0": float(levels[levels.level == 0].perplexity.iloc[0]), "usage_mean": levels.usage.mean()}
+
+
+def chosen_scores(run_dirs: list[Path], bandwidth: float) -> pd.DataFrame:
+    """`test_scores` of the grid's runs of the chosen recipe (one per seed) that have been evaluated."""
+    from studylib.reports import read_json
+
+    rows = []
+    for run_dir in run_dirs:
+        if (run_dir / "eval_test.parquet").is_file():
+            manifest = read_json(run_dir / "manifest.json")
+            rows.append({"run": run_dir.name, "seed": manifest["seed"], "steps": manifest["config"]["steps"],
+                         **test_scores(run_dir, bandwidth)})
+    return pd.DataFrame(rows)
+
+
+def variant_table(variants: dict[str, dict], runs: dict[str, Path], curve: pd.DataFrame, bandwidth: float):
+    """One row per variant: its change, the last validation point, the step it left the plateau, and its
+    test scores at `bandwidth`."""
+    rows = []
+    for name, run_dir in runs.items():
+        c = curve[curve.variant == name]
+        rows.append({"variant": name, "change": variants[name]["change"], "steps": int(c.step.max()),
+                     "minutes": c.minutes.max(), "left_plateau": left_plateau(c),
+                     **{f"valid_{k}": c[k].iloc[-1] for k in ("si_sdr", "mel_distance", "perplexity_l0")},
+                     **{f"test_{k}": v for k, v in test_scores(run_dir, bandwidth).items()}})
+    return pd.DataFrame(rows)
+
+
+def plot_curves(curve: pd.DataFrame, bandwidth: float):
+    """Validation SI-SDR, mel distance and level-0 perplexity against steps (top) and CPU minutes (bottom);
+    the chosen recipe's seeds thick and black, the variants thin."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.4))
+    names = [v for v in curve.variant.unique() if v != CHOSEN]
+    palette = dict(zip(names, plt.get_cmap("tab10").colors))
+    for row, x in zip(axes, ("step", "minutes")):
+        for ax, metric, scale in zip(row, ("si_sdr", "mel_distance", "perplexity_l0"), ("linear", "linear", "log")):
+            for (label, seed), c in curve.groupby(["variant", "seed"], sort=False):
+                chosen = label == CHOSEN
+                first = seed == curve[curve.variant == label].seed.min()
+                ax.plot(c[x], c[metric], "-" if chosen else "o-", lw=2.5 if chosen else 1.2, ms=3, alpha=0.8,
+                        color="k" if chosen else palette.get(label), label=label if first else None)
+            ax.set(title=f"{metric} (validation, {bandwidth:g} kbps)", yscale=scale,
+                   xlabel="CPU minutes" if x == "minutes" else x)
+    axes[0][0].legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig

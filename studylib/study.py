@@ -454,6 +454,9 @@ def _run_cells(plan: StudyPlan, jobs: int, gpus: list[int] | None, verbose: bool
                     "status": outcome.statuses[c.name], "error": outcome.errors.get(c.name)} for c in plan.cells]}
     write_json(summary, plan.results / "study.json")
     write_index(plan.results.parent)
+    from studylib.findings import write_findings
+
+    write_findings(plan.results.parent)  # results/summary.csv and the README's headline table
     return outcome
 
 

@@ -1,0 +1,72 @@
+"""Findings: results/summary.csv from the runs on disk, and the READMEs' headline table agreeing with it."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from studylib import findings
+
+RESULTS = ROOT / "results"
+
+
+def toy_summary() -> pd.DataFrame:
+    rows = []
+    for arm, base in (("none", 3.0), ("fixed_rel", 3.5)):
+        for seed, noise in zip((0, 1, 2), (0.0, 0.2, -0.1)):
+            rows.append({"scale": "cpu", "arm": arm, "seed": seed, "run": f"{arm}-s{seed}", "bandwidth_kbps": 6.0,
+                         "si_sdr_db": base + noise, "mel_distance": 3.5, "visqol": 3.0, "usage": 0.5,
+                         "perplexity": 200.0, "perplexity_l0": 100.0 + seed, "entropy_kbps": 5.0})
+    rows.append({"scale": "cpu", "arm": "opus", "seed": None, "run": "opus", "bandwidth_kbps": 6.0, "si_sdr_db": 2.8,
+                 "mel_distance": 3.45, "visqol": 2.8, "payload_kbps": 5.5})
+    return pd.DataFrame(rows, columns=findings.COLUMNS)
+
+
+def test_headline_is_mean_and_t_interval_over_seeds():
+    table = findings.headline(toy_summary(), "cpu").set_index("arm")
+    assert table.loc["none", "seeds"] == 3
+    assert table.loc["none", "si_sdr_db"] == pytest.approx(3.0 + 0.1 / 3)
+    # t(0.975, 2) = 4.303; sd of (0, 0.2, -0.1) = 0.1528
+    assert table.loc["none", "si_sdr_db_ci95"] == pytest.approx(4.3027 * 0.152753 / math.sqrt(3), rel=1e-3)
+    assert "opus (5.5 kbps spent)" in table.index
+
+
+def test_paired_differences_pair_seeds():
+    diffs = findings.paired_differences(toy_summary(), "cpu").set_index("arm")
+    assert diffs.loc["fixed_rel", "paired_seeds"] == 3
+    assert diffs.loc["fixed_rel", "d_si_sdr_db"] == pytest.approx(0.5)
+    assert diffs.loc["fixed_rel", "d_si_sdr_db_ci95"] == pytest.approx(0.0, abs=1e-9)  # same noise per seed
+
+
+def test_readme_block_is_replaced_and_nothing_else(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Findings\n\nbefore\n\n{findings.START}\nold table\n{findings.END}\n\nafter\n")
+    block = findings.headline_markdown(toy_summary(), "cpu")
+    assert findings.update_readme(readme, block)
+    text = readme.read_text()
+    assert text.startswith("# Findings\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    assert findings.readme_block(readme) == block and "old table" not in text
+    assert "| `fixed_rel` | 3 | 3.53 ± 0.38 |" in block
+    assert not findings.update_readme(tmp_path / "missing.md", block)
+
+
+@pytest.mark.skipif(not (RESULTS / "summary.csv").is_file(), reason="no committed study results")
+def test_committed_summary_matches_the_committed_runs():
+    committed = pd.read_csv(RESULTS / "summary.csv")
+    fresh = findings.summary_table(RESULTS)
+    assert list(committed.columns) == findings.COLUMNS
+    assert len(committed) == len(fresh)
+    pd.testing.assert_frame_equal(committed.drop(columns=["train_minutes"]).reset_index(drop=True),
+                                  fresh.drop(columns=["train_minutes"]).astype(committed.drop(
+                                      columns=["train_minutes"]).dtypes.to_dict()).reset_index(drop=True),
+                                  check_exact=False, rtol=1e-9)
+
+
+@pytest.mark.skipif(not (RESULTS / "summary.csv").is_file(), reason="no committed study results")
+@pytest.mark.parametrize("readme", [RESULTS / "README.md", ROOT / "README.md"])
+def test_readme_headline_tables_agree_with_the_committed_summary(readme):
+    summary = pd.read_csv(RESULTS / "summary.csv")
+    assert findings.readme_block(readme) == findings.headline_markdown(summary, "cpu", 6.0), readme
