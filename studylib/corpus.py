@@ -37,6 +37,7 @@ import soxr
 from tqdm import tqdm
 
 from studylib.config import UserError
+from studylib.storage import atomic_write
 
 SAMPLE_RATE = 24_000
 SPLITS = ("train", "valid", "test")
@@ -254,9 +255,7 @@ def build_corpus(
         raise
     manifest = profile_dir / "manifest.csv"
     # Written last and atomically, so a manifest only ever names segments that exist.
-    tmp = manifest.with_name(f".manifest.csv.tmp{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, manifest)
+    atomic_write(manifest, lambda p: frame.to_csv(p, index=False))
     _remove_stale(audio_root, {result.job.folder for result in results})
     _print_summary(frame, downloaded, time.monotonic() - started)
     return manifest
