@@ -112,7 +112,7 @@ class TrainConfig(QuantizerFields):
     weight_mel: float = 1.0
     weight_sisdr: float = 0.0  # -SI-SDR of the output (dB), a gain-free waveform term
     weight_commit: float = 1.0
-    # EnCodec's MS-STFT discriminator (hinge + feature matching, weights 3 / 3); ~20 s a step on 2 cores
+    # EnCodec's MS-STFT discriminator (hinge + feature matching, weights 3 / 3); ~7 s a step on 2 cores
     adversarial: bool = False
     weight_adv: float = 3.0
     weight_feat: float = 3.0
@@ -578,7 +578,11 @@ def _sync_gradients(model: torch.nn.Module, world: int) -> None:
 
 @torch.no_grad()
 def _average_codebooks(model: Codec, world: int) -> None:
-    """AudioCraft's buffer sync after every step; a no-op (bit for bit) where ranks already agree."""
+    """AudioCraft's buffer sync after every step. Where ranks already agree it leaves the buffers bit for
+    bit as they were only if the all-reduce sums `world` equal values to exactly world * x, since x * n / n
+    is exact only for n a power of two: so for 2 ranks (x + x) always, for 4 or 8 when the sum is taken
+    pairwise; not for 3, 5 or 6 ranks (3x rounds), nor for 8 summed one rank at a time (float32 running
+    sums of equal values: exact for 2 and 4 terms, last bit off for 3, 5, 6 and 8)."""
     for cb in model.quantizer.codebooks:
         for buf in (cb.cluster_size, cb.embed, cb.embed_avg):
             distributed.all_reduce_sum_(buf).div_(world)
