@@ -28,6 +28,7 @@ import torch
 from studylib.codec import Codec, CodecConfig
 from studylib.corpus import SPLITS, CorpusError, load_manifest
 from studylib.metrics import utilization
+from studylib.quantization import nominal_kbps
 from studylib.storage import UnreadableCheckpoint, checkpoint_path, codec_from_checkpoint, read_checkpoint
 
 # EnCodec / our RVQ: [prefix.]vq.layers.{i}._codebook.{inited,cluster_size,embed,embed_avg}; the peer arm
@@ -147,7 +148,7 @@ def audit_usage(codec: Codec, audio: Iterable[torch.Tensor | np.ndarray] | str |
     dead = torch.stack([cb.dead_mask() for cb in codec.quantizer.codebooks[:n_q]])
     usage = utilization(flat, codec.config.bins, dead)
     usage["frames"] = flat.shape[1]
-    usage["bandwidth"] = n_q * codec.config.bandwidth_per_quantizer
+    usage["bandwidth"] = nominal_kbps(n_q, codec.config.bins, codec.config.frame_rate)
     return usage
 
 

@@ -19,6 +19,8 @@ import soxr
 import torch
 import torchaudio
 
+from studylib.quantization import nominal_kbps as nominal_kbps  # bitrates: defined with the quantizer
+
 VISQOL_RATES = {"audio": 48_000, "speech": 16_000}  # ViSQOL v3's own rates; scores differ between modes
 
 # DAC's mel loss as trained (descript-audio-codec conf/base.yml on top of dac/nn/loss.py MelSpectrogramLoss).
@@ -171,11 +173,6 @@ def _entropy_bits(counts: torch.Tensor) -> torch.Tensor:
     """Empirical entropy in bits of each row of counts [n_q, bins] -> [n_q]."""
     p = counts.double() / counts.sum(1, keepdim=True)
     return -torch.where(p > 0, p * p.log2(), 0.0).sum(1)
-
-
-def nominal_kbps(n_q: int, bins: int, frame_rate: float) -> float:
-    """Bitrate of fixed-length codes: n_q x log2(bins) x frame_rate / 1000 (8 x 10 bits x 75 Hz = 6 kbps)."""
-    return n_q * math.log2(bins) * frame_rate / 1000
 
 
 def entropy_kbps(codes: torch.Tensor, bins: int, frame_rate: float) -> float:
