@@ -5,7 +5,8 @@ from local synthesis tools (festival, espeak-ng, fluidsynth) or from a folder of
 Every clip is mixed to mono, resampled, trimmed and loudness-normalised, then cut (or, for short clips,
 joined) into ~10 s FLAC segments listed in `manifest.csv` with their split, kind, group, source and
 license. Splits are disjoint by group (language, voice pack, synthetic voice or album), so the test set
-is unseen. Facts about the packages and the recipe: ../shared/corpus-sources.md.
+is unseen. The packages (with their licenses) and the recipe's numbers are defined below (`PROFILES`,
+`RECIPE`); their pinned versions, sizes and hashes are in corpus_pins.txt.
 """
 
 from __future__ import annotations

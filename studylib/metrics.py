@@ -4,7 +4,9 @@ Audio metrics take ``estimate`` (the codec's output) and ``reference`` (its inpu
 and return one value per item so that results can be tabulated per file and aggregated afterwards. Codebook
 metrics take codes [n_q, ...] (level first, as `QuantizedResult.codes` [n_q, B, T]); every trailing axis is
 pooled, so the codes of a whole evaluated set can be concatenated along the last axis and passed at once.
-Definitions and the papers' numbers: ../shared/anchors.md.
+Each function's docstring states its definition. Sources: SI-SDR, Le Roux et al. 2019, "SDR - half-baked or
+well done?" (arXiv:1811.02508); mel distance and bitrate efficiency, DAC (Kumar et al. 2023, arXiv:2306.06546,
+https://github.com/descriptinc/descript-audio-codec); ViSQOL v3, Chinen et al. 2020 (arXiv:2004.09584).
 """
 
 from __future__ import annotations
