@@ -406,7 +406,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, data: Data) -> Session:
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = _resume_checkpoint(ckpt_path, chash, run_dir, data.device) if ckpt_path.exists() else None
     session = Session(cfg, run_dir, data, build_parts(cfg, data.device), start=0, rows=[])
-    started = datetime.now(UTC).isoformat()
+    started = _now()
     if ckpt is not None:
         session.parts.load(ckpt)
         session.start, session.rows = ckpt["step"], ckpt["rows"]
