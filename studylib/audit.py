@@ -28,7 +28,8 @@ import torch
 from studylib.codec import Codec, CodecConfig
 from studylib.corpus import SPLITS, CorpusError, load_manifest
 from studylib.metrics import utilization
-from studylib.train import TrainConfig, checkpoint_path, weights_mismatch
+from studylib.quantization import nominal_kbps
+from studylib.storage import UnreadableCheckpoint, checkpoint_path, codec_from_checkpoint, read_checkpoint
 
 # EnCodec / our RVQ: [prefix.]vq.layers.{i}._codebook.{inited,cluster_size,embed,embed_avg}; the peer arm
 # (studylib.peer): [prefix.]rvq.layers.{i}._codebook.{initted,...} with a leading codebook axis of 1.
@@ -147,7 +148,7 @@ def audit_usage(codec: Codec, audio: Iterable[torch.Tensor | np.ndarray] | str |
     dead = torch.stack([cb.dead_mask() for cb in codec.quantizer.codebooks[:n_q]])
     usage = utilization(flat, codec.config.bins, dead)
     usage["frames"] = flat.shape[1]
-    usage["bandwidth"] = n_q * codec.config.bandwidth_per_quantizer
+    usage["bandwidth"] = nominal_kbps(n_q, codec.config.bins, codec.config.frame_rate)
     return usage
 
 
@@ -192,21 +193,14 @@ def load_codebook_checkpoint(path: str | Path) -> tuple[Mapping[str, torch.Tenso
     path = checkpoint_path(path)
     try:
         # weights_only: an audit may be run on downloaded files, which must not execute code.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler raises KeyError, EOFError, RuntimeError... depending on the bytes
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        obj = read_checkpoint(path, weights_only=True)
+    except UnreadableCheckpoint as e:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({e.reason})") from None
     if isinstance(obj, Mapping) and "model" in obj and "config" in obj:
-        try:
-            cfg = TrainConfig(**obj["config"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: run config not readable by this studylib ({e})") from None
-        codec_cfg, frames = cfg.codec_config(), cfg.frames_per_step
         # The stored config labels the report: it must describe these weights, not merely sit beside them.
         with torch.random.fork_rng(devices=[]):  # building the reference model must not move the global RNG
-            expected = Codec(codec_cfg).state_dict()
-        if problem := weights_mismatch(obj["model"], expected):
-            raise ValueError(f"{path}: the weights do not fit the stored config (model {cfg.model}, quantizer "
-                             f"{cfg.quantizer}): {problem}")
+            _, cfg = codec_from_checkpoint(obj, path)
+        codec_cfg, frames = cfg.codec_config(), cfg.frames_per_step
         source = (f"studylib run checkpoint {path}: step {obj.get('step')}, model {cfg.model}, expiry "
                   f"{cfg.expiry_mode} (threshold {cfg.expiry_threshold:g} {cfg.expiry_threshold_kind}), "
                   f"{frames} frames per step per rank")

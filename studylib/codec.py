@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from studylib.quantization import ExpiryConfig, ResidualVectorQuantizer
+from studylib.quantization import ExpiryConfig, ResidualVectorQuantizer, nominal_kbps
 
 NORMS = ("weight_norm", "none")
 QUANTIZERS = ("ours", "vqtorch")
@@ -141,7 +141,7 @@ class CodecConfig:
     @property
     def bandwidth_per_quantizer(self) -> float:
         """kbps of one RVQ level: log2(bins) bits per frame."""
-        return math.log2(self.bins) * self.frame_rate / 1000
+        return nominal_kbps(1, self.bins, self.frame_rate)
 
     @classmethod
     def encodec_24khz(cls) -> CodecConfig:

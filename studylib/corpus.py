@@ -5,7 +5,8 @@ from local synthesis tools (festival, espeak-ng, fluidsynth) or from a folder of
 Every clip is mixed to mono, resampled, trimmed and loudness-normalised, then cut (or, for short clips,
 joined) into ~10 s FLAC segments listed in `manifest.csv` with their split, kind, group, source and
 license. Splits are disjoint by group (language, voice pack, synthetic voice or album), so the test set
-is unseen. Facts about the packages and the recipe: ../shared/corpus-sources.md.
+is unseen. The packages (with their licenses) and the recipe's numbers are defined below (`PROFILES`,
+`RECIPE`); their pinned versions, sizes and hashes are in corpus_pins.txt.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import soxr
 from tqdm import tqdm
 
 from studylib.config import UserError
+from studylib.storage import atomic_write
 
 SAMPLE_RATE = 24_000
 SPLITS = ("train", "valid", "test")
@@ -254,9 +256,7 @@ def build_corpus(
         raise
     manifest = profile_dir / "manifest.csv"
     # Written last and atomically, so a manifest only ever names segments that exist.
-    tmp = manifest.with_name(f".manifest.csv.tmp{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, manifest)
+    atomic_write(manifest, lambda p: frame.to_csv(p, index=False))
     _remove_stale(audio_root, {result.job.folder for result in results})
     _print_summary(frame, downloaded, time.monotonic() - started)
     return manifest

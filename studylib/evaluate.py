@@ -12,8 +12,8 @@ and `examples/<kind>_<item>_{reference,<kbps>kbps}.flac` for the reports.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from studylib import baselines, metrics
 from studylib.codec import Codec
-from studylib.corpus import SPLITS, load_manifest
+from studylib.corpus import SAMPLE_RATE, SPLITS, load_manifest
 from studylib.data import AudioDataset
-from studylib.train import load_checkpoint
+from studylib.storage import atomic_write, load_checkpoint, read_json, write_json, write_parquet
 
 EXAMPLE_BANDWIDTHS = (1.5, 6.0, 24.0)
 
@@ -42,18 +42,20 @@ class Evaluation:
 
 
 def eval_windows(manifest: str | Path, split: str = "test", seconds: float = 5.0,
-                 per_kind: int | None = None) -> tuple[AudioDataset, pd.DataFrame]:
+                 per_kind: int | None = None, sample_rate: int = SAMPLE_RATE) -> tuple[AudioDataset, pd.DataFrame]:
     """Fixed evaluation windows of a split and, per window, its manifest row (kind, group, source).
 
-    `item` is the window's index in the dataset. `per_kind` keeps that many windows of each kind, spread
+    `item` is the window's index in the dataset; `sample_rate` is the rate the codec needs (and the
+    manifest's audio must have). `per_kind` keeps that many windows of each kind, spread
     evenly over the kind's windows (so over its sources), the same ones on every call."""
     if split not in SPLITS:
         raise ValueError(f"split: got {split!r}, allowed {SPLITS}")
     if per_kind is not None and per_kind < 1:
         raise ValueError(f"per_kind: got {per_kind!r}, allowed None or an integer >= 1")
-    dataset = AudioDataset(manifest, split, seconds, train=False)
+    dataset = AudioDataset(manifest, split, seconds, sample_rate, train=False)
     rows = load_manifest(manifest).query("split == @split").reset_index(drop=True)
-    info = pd.DataFrame([{"item": i, "start_s": start / 24_000, **rows.iloc[seg][["path", "kind", "group", "source"]]}
+    columns = ["path", "kind", "group", "source"]
+    info = pd.DataFrame([{"item": i, "start_s": start / sample_rate, **rows.iloc[seg][columns]}
                          for i, (seg, start) in enumerate(dataset.windows)])
     if per_kind is not None:
         keep = [group.iloc[np.unique(np.linspace(0, len(group) - 1, min(per_kind, len(group))).round().astype(int))]
@@ -62,16 +64,16 @@ def eval_windows(manifest: str | Path, split: str = "test", seconds: float = 5.0
     return dataset, info
 
 
-def score(estimate: torch.Tensor, reference: torch.Tensor) -> list[dict]:
-    """SI-SDR and mel distance per item of a batch [B, T] (24 kHz)."""
-    return [{"si_sdr": float(s), "mel_distance": float(m)}
-            for s, m in zip(metrics.si_sdr(estimate, reference), metrics.mel_distance(estimate, reference))]
+def score(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> list[dict]:
+    """SI-SDR and mel distance per item of a batch [B, T]."""
+    return [{"si_sdr": float(s), "mel_distance": float(m)} for s, m in
+            zip(metrics.si_sdr(estimate, reference), metrics.mel_distance(estimate, reference, sample_rate))]
 
 
-def visqol_scores(estimate: torch.Tensor, reference: torch.Tensor, kind: str) -> dict:
+def visqol_scores(estimate: torch.Tensor, reference: torch.Tensor, kind: str, sample_rate: int = SAMPLE_RATE) -> dict:
     """ViSQOL of one item [T]: audio mode always, speech mode for speech items (modes are not comparable)."""
-    speech = metrics.visqol(estimate, reference, 24_000, "speech") if kind == "speech" else math.nan
-    return {"visqol_audio": metrics.visqol(estimate, reference, 24_000, "audio"), "visqol_speech": speech}
+    speech = metrics.visqol(estimate, reference, sample_rate, "speech") if kind == "speech" else math.nan
+    return {"visqol_audio": metrics.visqol(estimate, reference, sample_rate, "audio"), "visqol_speech": speech}
 
 
 def _examples_to_save(info: pd.DataFrame, per_kind: int) -> set[int]:
@@ -97,7 +99,8 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
         run_dir = Path(out_dir) if out_dir else (Path(run) if Path(run).is_dir() else Path(run).parent)
         manifest = manifest or cfg.manifest
     bandwidths = tuple(sorted(bandwidths or codec.config.target_bandwidths))
-    dataset, info = eval_windows(manifest, split, seconds, per_kind)
+    rate = codec.config.sample_rate
+    dataset, info = eval_windows(manifest, split, seconds, per_kind, rate)
     kinds = info.set_index("item").kind
     visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
     example_ids = _examples_to_save(info, examples_per_kind)
@@ -116,9 +119,9 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
             codes = all_codes[: levels[bw]]
             audio = codec.decode(codes)[..., : wav.shape[-1]]
             codes_by_bw[bw].append(codes.flatten(1))
-            for pos, (i, row) in enumerate(zip(ids, score(audio[:, 0], wav[:, 0]))):
+            for pos, (i, row) in enumerate(zip(ids, score(audio[:, 0], wav[:, 0], rate))):
                 if i in visqol_ids:
-                    row |= visqol_scores(audio[pos, 0], wav[pos, 0], kinds[i])
+                    row |= visqol_scores(audio[pos, 0], wav[pos, 0], kinds[i], rate)
                 rows.append({"item": i, "system": "codec", "bandwidth": bw, "n_q": codes.shape[0],
                              "nominal_kbps": metrics.nominal_kbps(codes.shape[0], bins, frame_rate), **row})
     examples = _write_examples(codec, dataset, info, example_ids, bandwidths, run_dir) if run_dir else []
@@ -137,9 +140,9 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
     result = Evaluation(info.merge(pd.DataFrame(rows), on="item"), pd.concat(level_rows, ignore_index=True),
                         frequency, examples)
     if run_dir is not None:
-        _write(result.items, run_dir / f"eval_{split}.parquet")
-        _write(result.levels, run_dir / f"eval_{split}_levels.parquet")
-        _write(result.frequency, run_dir / f"eval_{split}_frequency.parquet")
+        write_parquet(result.items, run_dir / f"eval_{split}.parquet")
+        write_parquet(result.levels, run_dir / f"eval_{split}_levels.parquet")
+        write_parquet(result.frequency, run_dir / f"eval_{split}_frequency.parquet")
     return result
 
 
@@ -156,15 +159,10 @@ def _write_examples(codec: Codec, dataset: AudioDataset, info: pd.DataFrame, ids
                                          for bw in bandwidths if bw in EXAMPLE_BANDWIDTHS}
         for label, audio in versions.items():
             path = folder / f"{kinds[i]}_{i:04d}_{label}.flac"
-            sf.write(path, audio[0, 0].clamp(-1, 1).numpy(), 24_000)
-            written.append(path)
+            flac = functools.partial(sf.write, data=audio[0, 0].clamp(-1, 1).numpy(),
+                                     samplerate=codec.config.sample_rate, format="FLAC")
+            written.append(atomic_write(path, flac))
     return written
-
-
-def _write(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def evaluate_opus(manifest: str | Path, split: str = "test", bitrates: tuple[float, ...] = baselines.OPUS_BITRATES,
@@ -189,8 +187,7 @@ def evaluate_opus(manifest: str | Path, split: str = "test", bitrates: tuple[flo
                          "payload_kbps": result.payload_kbps, **row})
     table = info.merge(pd.DataFrame(rows), on="item")
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        _write(table, Path(out))
+        write_parquet(table, out)
     return table
 
 
@@ -199,8 +196,6 @@ def opus_cached(path: str | Path, manifest: str | Path, bitrates: tuple[float, .
                 progress: bool = True) -> pd.DataFrame | None:
     """`evaluate_opus` computed once and kept at `path` with its settings beside it (`path`.json): a later
     call with the same settings reads the file, other settings recompute it. None when opus-tools is missing."""
-    from studylib.reports import read_json, write_json
-
     path = Path(path)
     settings = {"manifest": str(Path(manifest).resolve()), "bitrates": [float(b) for b in bitrates], "split": split,
                 "seconds": seconds, "visqol_items": visqol_items, "per_kind": per_kind}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from studylib import reports
-from studylib.reports import read_json
+from studylib.storage import read_json
 
 COLUMNS = ["scale", "arm", "seed", "run", "bandwidth_kbps", "si_sdr_db", "mel_distance", "visqol", "usage",
            "perplexity", "perplexity_l0", "entropy_kbps", "n_items", "steps", "left_plateau_step", "train_minutes",

@@ -10,9 +10,7 @@ study is about (usage, dead codes, replacements) for thousands of steps in minut
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +24,8 @@ from studylib import config as cfglib
 from studylib.corpus import SPLITS, load_manifest
 from studylib.metrics import utilization
 from studylib.quantization import ResidualVectorQuantizer
-from studylib.reports import atomic_write
-from studylib.train import QuantizerFields, load_checkpoint
+from studylib.storage import load_checkpoint, save_torch, write_parquet
+from studylib.train import QuantizerFields
 
 
 @dataclass
@@ -40,9 +38,7 @@ class Latents:
     source: str  # the checkpoint they came from
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(vars(self), tmp)
-        os.replace(tmp, path)
+        save_torch(vars(self), path)
 
     @classmethod
     def load(cls, path: str | Path) -> Latents:
@@ -226,7 +222,7 @@ def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progr
             metrics, _ = train_on_latents(cell.config, latents.frames["train"], latents.frames.get("valid"),
                                           latents.frame_rate, progress=False)
             tagged = metrics.assign(**cell.describe())
-            atomic_write(path, functools.partial(tagged.to_parquet, index=False))
+            write_parquet(tagged, path)
         frames.append(pd.read_parquet(path))
     return pd.concat(frames, ignore_index=True)
 

@@ -4,7 +4,9 @@ Audio metrics take ``estimate`` (the codec's output) and ``reference`` (its inpu
 and return one value per item so that results can be tabulated per file and aggregated afterwards. Codebook
 metrics take codes [n_q, ...] (level first, as `QuantizedResult.codes` [n_q, B, T]); every trailing axis is
 pooled, so the codes of a whole evaluated set can be concatenated along the last axis and passed at once.
-Definitions and the papers' numbers: ../shared/anchors.md.
+Each function's docstring states its definition. Sources: SI-SDR, Le Roux et al. 2019, "SDR - half-baked or
+well done?" (arXiv:1811.02508); mel distance and bitrate efficiency, DAC (Kumar et al. 2023, arXiv:2306.06546,
+https://github.com/descriptinc/descript-audio-codec); ViSQOL v3, Chinen et al. 2020 (arXiv:2004.09584).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pandas as pd
 import soxr
 import torch
 import torchaudio
+
+from studylib.quantization import nominal_kbps as nominal_kbps  # bitrates: defined with the quantizer
 
 VISQOL_RATES = {"audio": 48_000, "speech": 16_000}  # ViSQOL v3's own rates; scores differ between modes
 
@@ -171,11 +175,6 @@ def _entropy_bits(counts: torch.Tensor) -> torch.Tensor:
     """Empirical entropy in bits of each row of counts [n_q, bins] -> [n_q]."""
     p = counts.double() / counts.sum(1, keepdim=True)
     return -torch.where(p > 0, p * p.log2(), 0.0).sum(1)
-
-
-def nominal_kbps(n_q: int, bins: int, frame_rate: float) -> float:
-    """Bitrate of fixed-length codes: n_q x log2(bins) x frame_rate / 1000 (8 x 10 bits x 75 Hz = 6 kbps)."""
-    return n_q * math.log2(bins) * frame_rate / 1000
 
 
 def entropy_kbps(codes: torch.Tensor, bins: int, frame_rate: float) -> float:

@@ -29,7 +29,7 @@ from vector_quantize_pytorch import ResidualVQ
 from vector_quantize_pytorch.residual_vq import frac_gradient
 from vector_quantize_pytorch.vector_quantize_pytorch import Codebook
 
-from studylib.quantization import LevelSchedule, QuantizedResult, ResidualVectorQuantizer
+from studylib.quantization import LevelSchedule, QuantizedResult, codebook_metrics, nominal_kbps
 
 
 class PeerCodebook(Codebook):
@@ -123,8 +123,8 @@ class PeerResidualVQ(LevelSchedule, nn.Module):
 
         codes_t = torch.stack(codes)  # [n_q, B, T]
         # Our metric code run on the library's codebooks, so both arms report by the same definitions.
-        metrics = ResidualVectorQuantizer._metrics(self, codes_t, replaced_before) if self.training else {}
-        bw = torch.tensor(n_q * self.get_bandwidth_per_quantizer(frame_rate)).to(x)
+        metrics = codebook_metrics(self.codebooks, codes_t, self.bins, replaced_before) if self.training else {}
+        bw = torch.tensor(nominal_kbps(n_q, self.bins, frame_rate)).to(x)
         return QuantizedResult(quantized_out.transpose(1, 2), codes_t, bw, penalty=torch.stack(losses).mean(),
                                metrics=metrics)
 

@@ -393,13 +393,39 @@ class QuantizedResult:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # flat, per level: used_l0, ...
 
 
+def nominal_kbps(n_q: int, bins: int, frame_rate: float) -> float:
+    """Bitrate of n_q levels of fixed-length codes: n_q x log2(bins) bits per frame x frame_rate / 1000
+    (EnCodec 24 kHz: 8 x 10 bits x 75 Hz = 6 kbps). Every kbps figure of studylib comes from here."""
+    return n_q * math.log2(bins) * frame_rate / 1000
+
+
+@torch.no_grad()
+def codebook_metrics(codebooks: list, codes: torch.Tensor, bins: int,
+                     replaced_before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per level of codes [n_q, ...] from `codebooks` (anything with `dead_mask()` and `replaced_total`,
+    so our RVQ and the peer arm report by the same definitions): codes used in the batch, batch perplexity,
+    dead codes (configured threshold), codes replaced since `replaced_before`. Tensors, so logging decides
+    when to synchronise."""
+    n_q = codes.shape[0]
+    offsets = torch.arange(n_q, device=codes.device)[:, None] * bins
+    counts = torch.bincount((codes.reshape(n_q, -1) + offsets).flatten(), minlength=n_q * bins)
+    counts = counts.view(n_q, bins).float()  # [n_q, K] batch histogram per level
+    per_level = {
+        "used": (counts > 0).sum(1),
+        "perplexity": torch.exp(torch.special.entr(counts / counts.sum(1, keepdim=True)).sum(1)),
+        "dead": torch.stack([cb.dead_mask().sum() for cb in codebooks[:n_q]]),
+        "replaced": torch.stack([cb.replaced_total for cb in codebooks[:n_q]]) - torch.stack(replaced_before),
+    }
+    return {f"{name}_l{level}": values[level] for name, values in per_level.items() for level in range(n_q)}
+
+
 class LevelSchedule:
     """EnCodec's bandwidth -> number of levels, shared by our RVQ and the peer arm. Needs `bins`, `n_q`,
     `quantizer_dropout`, `generator` and nn.Module's `training`."""
 
     def get_bandwidth_per_quantizer(self, frame_rate: float) -> float:
         """kbps of one level: log2(bins) bits per frame."""
-        return math.log2(self.bins) * frame_rate / 1000
+        return nominal_kbps(1, self.bins, frame_rate)
 
     def get_num_quantizers_for_bandwidth(self, frame_rate: float, bandwidth: float | None = None) -> int:
         if bandwidth and bandwidth > 0.0:
@@ -500,27 +526,10 @@ class ResidualVectorQuantizer(LevelSchedule, nn.Module):
             quantized_out = x + (quantized_out - x).detach()
 
         codes_t = torch.stack(codes)
-        metrics = self._metrics(codes_t, replaced_before) if self.training else {}
-        bw = torch.tensor(n_q * self.get_bandwidth_per_quantizer(frame_rate)).to(x)
+        metrics = codebook_metrics(self.codebooks, codes_t, self.bins, replaced_before) if self.training else {}
+        bw = torch.tensor(nominal_kbps(n_q, self.bins, frame_rate)).to(x)
         return QuantizedResult(quantized_out, codes_t, bw, penalty=torch.mean(torch.stack(losses)),
                                metrics=metrics)
-
-    @torch.no_grad()
-    def _metrics(self, codes: torch.Tensor, replaced_before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per level: codes used in the batch, batch perplexity, dead codes (configured threshold), codes
-        replaced by this step's expiry. Tensors, so logging decides when to synchronise."""
-        n_q = codes.shape[0]
-        offsets = torch.arange(n_q, device=codes.device)[:, None] * self.bins
-        counts = torch.bincount((codes.reshape(n_q, -1) + offsets).flatten(), minlength=n_q * self.bins)
-        counts = counts.view(n_q, self.bins).float()  # [n_q, K] batch histogram per level
-        per_level = {
-            "used": (counts > 0).sum(1),
-            "perplexity": torch.exp(torch.special.entr(counts / counts.sum(1, keepdim=True)).sum(1)),
-            "dead": torch.stack([cb.dead_mask().sum() for cb in self.codebooks[:n_q]]),
-            "replaced": torch.stack([cb.replaced_total for cb in self.codebooks[:n_q]])
-            - torch.stack(replaced_before),
-        }
-        return {f"{name}_l{level}": values[level] for name, values in per_level.items() for level in range(n_q)}
 
     @torch.no_grad()
     def init_codebooks(self, x: torch.Tensor) -> None:

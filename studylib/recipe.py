@@ -84,7 +84,7 @@ def train_variant(params: list[str], overrides: dict, run_dir: Path, bandwidth: 
 
 def run_curve(run_dir: Path, label: str) -> pd.DataFrame:
     """`curves` of a run folder, labelled, with its seed and thread count (CPU minutes depend on them)."""
-    from studylib.reports import read_json
+    from studylib.storage import read_json
 
     manifest = read_json(run_dir / "manifest.json")
     return curves(pd.read_parquet(run_dir / "metrics.parquet")).assign(
@@ -103,7 +103,7 @@ def test_scores(run_dir: Path, bandwidth: float) -> dict:
 
 def chosen_scores(run_dirs: list[Path], bandwidth: float) -> pd.DataFrame:
     """`test_scores` of the grid's runs of the chosen recipe (one per seed) that have been evaluated."""
-    from studylib.reports import read_json
+    from studylib.storage import read_json
 
     rows = []
     for run_dir in run_dirs:

@@ -7,15 +7,15 @@ Notebooks stay thin: they call studylib for the numbers and these helpers to put
 from __future__ import annotations
 
 import html
-import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from studylib.storage import atomic_write, read_json, write_json, write_parquet  # noqa: F401  (notebooks use them here)
 
 KBPS_TICKS = (0.75, 1.5, 3.0, 6.0, 12.0, 24.0, 48.0)
 CSV_MAX_ROWS = 5000  # tables up to this size are also written as CSV, for readers without pyarrow
@@ -27,54 +27,18 @@ ARM_COLORS = {
 }
 
 
-def atomic_write(path: Path, write) -> Path:
-    """`write(tmp)` then rename over `path`: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def save_table(frame: pd.DataFrame, out_dir: str | Path, name: str) -> Path:
     """`out_dir/name.parquet` (and `name.csv` when small); returns the parquet path."""
     out_dir = Path(out_dir)
     if len(frame) <= CSV_MAX_ROWS:
         atomic_write(out_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
-    return atomic_write(out_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
+    return write_parquet(frame, out_dir / f"{name}.parquet")
 
 
 def save_figure(fig: Any, out_dir: str | Path, name: str) -> Path:
     """`out_dir/name.png`; the figure stays open so the notebook still shows it inline."""
     return atomic_write(Path(out_dir) / f"{name}.png",
                          lambda p: fig.savefig(p, dpi=STYLE["dpi"], bbox_inches="tight", format="png"))
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Pretty JSON, written atomically (NaN -> null)."""
-    text = json.dumps(_jsonable(obj), indent=2, default=str)
-    return atomic_write(Path(path), lambda p: p.write_text(text + "\n"))
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def setup_plots() -> None:

@@ -41,6 +41,8 @@ from studylib.data import AudioDataset, NonFiniteAudio
 from studylib.discriminator import MultiScaleSTFTDiscriminator, discriminator_step_loss, generator_losses
 from studylib.losses import Balancer, MultiScaleMelLoss, neg_si_sdr
 from studylib.quantization import MODES, THRESHOLD_KINDS, ExpiryConfig, NonFiniteError
+from studylib.storage import load_checkpoint as load_checkpoint  # here too, for study.py and the notebooks
+from studylib.storage import read_checkpoint, read_manifest, save_torch, stored_config, write_json, write_parquet
 
 PRESETS = ("tiny", "small", "encodec_24khz")
 DEVICES = ("auto", "cpu", "cuda")
@@ -110,7 +112,7 @@ class TrainConfig(QuantizerFields):
     weight_mel: float = 1.0
     weight_sisdr: float = 0.0  # -SI-SDR of the output (dB), a gain-free waveform term
     weight_commit: float = 1.0
-    # EnCodec's MS-STFT discriminator (hinge + feature matching, weights 3 / 3); ~20 s a step on 2 cores
+    # EnCodec's MS-STFT discriminator (hinge + feature matching, weights 3 / 3); ~7 s a step on 2 cores
     adversarial: bool = False
     weight_adv: float = 3.0
     weight_feat: float = 3.0
@@ -208,33 +210,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_metrics(rows: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    pd.DataFrame(rows).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    import json
-
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def read_manifest(run_dir: str | Path) -> dict | None:
-    import json
-
-    path = Path(run_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in metrics.items()}
 
@@ -318,15 +293,9 @@ def train_step(parts: Parts, cfg: TrainConfig, wav: torch.Tensor, bandwidth: flo
             terms["sisdr"] = neg_si_sdr(out.audio, wav)
     logged: dict[str, torch.Tensor] = {}
     if parts.disc is not None and step >= cfg.adversarial_from:
-        # discriminator first, on the detached output; then the codec's adversarial terms
-        disc_loss = discriminator_step_loss(parts.disc, wav, out.audio)
-        parts.disc_opt.zero_grad(set_to_none=True)
-        disc_loss.backward()
-        _sync_gradients(parts.disc, world)
-        parts.disc_opt.step()
+        logged["disc"] = _discriminator_step(parts, wav, out.audio, world)
         adv = generator_losses(parts.disc, wav, out.audio)
         terms |= {"g_adv": adv.g_adv, "feat": adv.feat}
-        logged["disc"] = disc_loss
     commit = cfg.weight_commit * out.penalty
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.balancer is not None:
@@ -344,6 +313,16 @@ def train_step(parts: Parts, cfg: TrainConfig, wav: torch.Tensor, bandwidth: flo
         _average_codebooks(model, world)
     return {"loss": loss, **terms, "commit": out.penalty, "bandwidth": out.bandwidth, "grad_norm": grad_norm,
             "lr": torch.tensor(lr), **logged, **out.metrics}
+
+
+def _discriminator_step(parts: Parts, wav: torch.Tensor, audio: torch.Tensor, world: int) -> torch.Tensor:
+    """One update of the discriminator on the codec's detached output; returns its loss."""
+    disc_loss = discriminator_step_loss(parts.disc, wav, audio)
+    parts.disc_opt.zero_grad(set_to_none=True)
+    disc_loss.backward()
+    _sync_gradients(parts.disc, world)
+    parts.disc_opt.step()
+    return disc_loss
 
 
 def train(cfg: TrainConfig) -> Run:
@@ -365,136 +344,197 @@ def train(cfg: TrainConfig) -> Run:
         torch.cuda.set_device(device)
 
     sample_rate = cfg.codec_config().sample_rate
-    train_set = AudioDataset(cfg.manifest, "train", cfg.segment_seconds, sample_rate, seed=cfg.seed)
-    valid_set = AudioDataset(cfg.manifest, "valid", cfg.segment_seconds, sample_rate)
+    data = Data(AudioDataset(cfg.manifest, "train", cfg.segment_seconds, sample_rate, seed=cfg.seed),
+                AudioDataset(cfg.manifest, "valid", cfg.segment_seconds, sample_rate), device, rank, world)
     run_dir = Path(cfg.run_dir)
     with locks.hold_lock(run_dir, "studylib train") if rank == 0 else contextlib.nullcontext():
-        return _train(cfg, run_dir, train_set, valid_set, device, rank, world)
+        return _train(_setup(cfg, run_dir, data))
+
+
+# ------------------------------------------------------------------------------ setup and resume
+
+
+@dataclass(frozen=True)
+class Data:
+    """Where a run's batches come from and go: its datasets, device and place among the ranks."""
+
+    train_set: AudioDataset
+    valid_set: AudioDataset
+    device: torch.device
+    rank: int
+    world: int
+
+
+@dataclass
+class Session:
+    """A run set up to train: its parts and data, the step it starts at, and what it has logged so far."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    data: Data
+    parts: Parts
+    start: int  # 0, or the step of the checkpoint it resumed from
+    rows: list[dict]  # the metrics so far: one flat dict per logged step (from the checkpoint on resume)
+    manifest: dict = dataclasses.field(default_factory=dict)  # manifest.json as last written
+    done: int = 0  # steps completed, which error messages name
+
+    def write_manifest(self, **fields: Any) -> None:
+        self.manifest.update(fields)
+        if self.data.rank == 0:
+            write_json(self.manifest, self.run_dir / "manifest.json")
+
+    def write_metrics(self) -> None:
+        if self.data.rank == 0:
+            write_parquet(pd.DataFrame(self.rows), self.run_dir / "metrics.parquet")
+
+    def checkpoint(self) -> None:
+        """Metrics and checkpoint as of `done` steps: what a resumed run starts from."""
+        self.write_metrics()
+        if self.data.rank == 0:
+            save_torch({**self.parts.state(), "step": self.done, "rows": self.rows,
+                        "config": cfglib.to_dict(self.cfg)}, self.run_dir / "checkpoint.pt")
+
+
+def _setup(cfg: TrainConfig, run_dir: Path, data: Data) -> Session:
+    """Fresh parts, resumed from the run folder's checkpoint when there is one (refused if it is unreadable
+    or of another config); manifest.json written saying the run is running."""
+    chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress"))
+    try:
+        previous = read_manifest(run_dir) or {}
+    except ValueError:  # not JSON (edited by hand?): it is rewritten below
+        previous = {}
+    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt = _resume_checkpoint(ckpt_path, chash, run_dir, data.device) if ckpt_path.exists() else None
+    session = Session(cfg, run_dir, data, build_parts(cfg, data.device), start=0, rows=[])
+    started = _now()
+    if ckpt is not None:
+        session.parts.load(ckpt)
+        session.start, session.rows = ckpt["step"], ckpt["rows"]
+        started = previous.get("started", started)
+        del ckpt
+    session.done = session.start
+    session.write_manifest(**_run_record(cfg, chash, data, started, session.start))
+    return session
+
+
+def _run_record(cfg: TrainConfig, chash: str, data: Data, started: str, start: int) -> dict:
+    """What manifest.json says of a run as it starts: config, versions, machine and where it resumed."""
+    device = data.device
+    return {
+        "status": "running", "config": cfglib.to_dict(cfg), "config_hash": chash, "seed": cfg.seed,
+        "git_commit": _git_commit(), "versions": _versions(), "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.processor() or 'x86_64'})",
+        "world_size": data.world, "threads": torch.get_num_threads(), "started": started, "resumed_at_step": start,
+        "frame_rate": cfg.codec_config().frame_rate, "frames_per_step": cfg.frames_per_step * data.world,
+    }
 
 
 def _resume_checkpoint(path: Path, chash: str, run_dir: Path, device: torch.device) -> dict:
     """The checkpoint to resume from, accepted only if it is readable and its stored config hashes to the
     run's: weights of another config must not continue under this run's name."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # the unpickler raises EOFError, UnpicklingError, RuntimeError... by the bytes
-        raise UserError(f"{path}: not a readable checkpoint ({_one_line(e)}); delete it to start the run over, "
-                        "or choose another run_dir") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "step", "rows"} <= ckpt.keys():
-        raise UserError(f"{path}: not a studylib run checkpoint (expected keys model, config, step, rows); delete "
-                        "it to start the run over, or choose another run_dir")
-    try:
-        stored = cfglib.config_hash(TrainConfig(**ckpt["config"]), exclude=("run_dir", "progress"))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: its stored config is not readable by this studylib ({_one_line(e)}); choose "
-                        "another run_dir") from None
+    with _advice("delete it to start the run over, or choose another run_dir"):
+        ckpt = read_checkpoint(path, device)
+        if not isinstance(ckpt, dict) or not {"model", "config", "step", "rows"} <= ckpt.keys():
+            raise UserError(f"{path}: not a studylib run checkpoint (expected keys model, config, step, rows)")
+    with _advice("choose another run_dir"):
+        stored = cfglib.config_hash(stored_config(ckpt, path), exclude=("run_dir", "progress"))
     if stored != chash:
         raise UserError(f"run_dir: {run_dir} holds a run of another config (checkpoint.pt: {stored}, this run: "
                         f"{chash}); choose another run_dir")
     return ckpt
 
 
-def _one_line(error: Exception, limit: int = 120) -> str:
-    """An exception as a short line: its type and first sentence."""
-    text = " ".join(str(error).split()).split(". ")[0][:limit]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _train(cfg: TrainConfig, run_dir: Path, train_set: AudioDataset, valid_set: AudioDataset, device: torch.device,
-           rank: int, world: int) -> Run:
-    """`train` with the inputs checked and the run folder locked."""
-    manifest_path, ckpt_path, metrics_path = (run_dir / n for n in ("manifest.json", "checkpoint.pt",
-                                                                     "metrics.parquet"))
-    chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress"))
+@contextlib.contextmanager
+def _advice(what_to_do: str):
+    """UserErrors raised inside end with `; what_to_do`."""
     try:
-        previous = read_manifest(run_dir)
-    except ValueError:  # not JSON (edited by hand?): it is rewritten below
-        previous = None
-    ckpt = _resume_checkpoint(ckpt_path, chash, run_dir, device) if ckpt_path.exists() else None
+        yield
+    except UserError as e:
+        raise UserError(f"{e}; {what_to_do}") from None
 
-    parts = build_parts(cfg, device)
-    model = parts.model
-    codec_cfg = model.config
 
-    start, rows, started = 0, [], datetime.now(UTC).isoformat()
-    if ckpt is not None:
-        parts.load(ckpt)
-        start, rows = ckpt["step"], ckpt["rows"]
-        started = (previous or {}).get("started", started)
-        del ckpt
+# ------------------------------------------------------------------------------------- the loop
 
-    use_cuda = device.type == "cuda"
-    manifest = {
-        "status": "running", "config": cfglib.to_dict(cfg), "config_hash": chash, "seed": cfg.seed,
-        "git_commit": _git_commit(), "versions": _versions(), "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if use_cuda else f"cpu ({platform.processor() or 'x86_64'})",
-        "world_size": world, "threads": torch.get_num_threads(), "started": started, "resumed_at_step": start,
-        "frame_rate": codec_cfg.frame_rate, "frames_per_step": cfg.frames_per_step * world,
-    }
-    if rank == 0:
-        _write_manifest(manifest_path, manifest)
 
-    def checkpoint(step: int) -> None:
-        if rank == 0:
-            _write_metrics(rows, metrics_path)
-            _atomic_save({**parts.state(), "step": step, "rows": rows, "config": cfglib.to_dict(cfg)}, ckpt_path)
-
-    t_start = time.perf_counter()
-    done = start
+def _train(session: Session) -> Run:
+    """Run the steps left; on divergence or NaN in the data the run ends `failed` (manifest and metrics
+    say why), on anything else (a kill, a crash) the manifest says so and the last checkpoint stays."""
+    cfg, started = session.cfg, time.perf_counter()
     try:
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=run_dir.name,
-                   disable=not cfg.progress or rank != 0, dynamic_ncols=True)
-        for step in bar:
-            done = step + 1
-            wav = _train_batch(train_set, cfg, step, rank).to(device)
-            if not torch.isfinite(wav).all():
-                raise NonFiniteAudio("the training batch holds NaN or Inf samples")
-            bandwidth = cfg.bandwidths[int(torch.randint(len(cfg.bandwidths), (1,),
-                                                         generator=_step_generator(cfg.seed, step)))]
-            try:
-                if step == cfg.quantizer_warmup and cfg.kmeans_frames > 0:
-                    _init_codebooks(model, train_set, cfg, rank, device)
-                scalars = train_step(parts, cfg, wav, bandwidth, step, world)
-            except NonFiniteError as e:  # the batch is finite: the model's own numbers went bad
-                raise TrainingDiverged(f"diverged at step {done}: {e}") from None
-            # every step, not only logged ones, so the message names the step where it happened
-            if not torch.isfinite(scalars["loss"]):
-                raise TrainingDiverged(f"diverged at step {done}: the training loss is {float(scalars['loss'])}")
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                row = {"step": done, "split": "train", "seconds": time.perf_counter() - t_start,
-                       **_scalars(scalars), **_codebook_totals(model)}
-                _check_finite(row, model, done)
-                rows.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", used_l0=row.get("used_l0"))
-            if done % cfg.valid_every == 0 or done == cfg.steps:
-                scores = validate(model, parts.mel_loss, valid_set, cfg, device, done > cfg.quantizer_warmup)
-                rows.append({"step": done, "split": "valid", "seconds": time.perf_counter() - t_start, **scores})
-                model.train()
-                if not math.isfinite(scores["loss"]):  # a model that is NaN on held-out audio has diverged too
-                    raise TrainingDiverged(f"diverged at step {done}: the validation loss is {scores['loss']}")
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                checkpoint(done)
+        _loop(session, started)
     except (TrainingDiverged, NonFiniteAudio) as e:
-        error = str(e) if isinstance(e, TrainingDiverged) else f"step {done}: {e}"
-        manifest.update(status="failed", error=error, finished=datetime.now(UTC).isoformat())
-        if rank == 0:
-            _write_manifest(manifest_path, manifest)
-            _write_metrics(rows, metrics_path)
+        error = str(e) if isinstance(e, TrainingDiverged) else f"step {session.done}: {e}"
+        session.write_manifest(status="failed", error=error, finished=_now())
+        session.write_metrics()
         print(f"studylib train: {error}", file=sys.stderr)
-        return Run(run_dir, "failed", rows[-1]["step"] if rows else start, pd.DataFrame(rows))
+        steps = session.rows[-1]["step"] if session.rows else session.start
+        return Run(session.run_dir, "failed", steps, pd.DataFrame(session.rows))
     except BaseException as e:  # interrupted or crashed: the last checkpoint stays resumable
-        manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=datetime.now(UTC).isoformat(),
-                        traceback=traceback.format_exc(limit=5))
-        if rank == 0:
-            _write_manifest(manifest_path, manifest)
+        session.write_manifest(status="failed", error=f"{type(e).__name__}: {e}", finished=_now(),
+                               traceback=traceback.format_exc(limit=5))
         raise
-    if world > 1:  # each rank's codebooks, to show whether ranks agree
-        torch.save({k: v.cpu() for k, v in model.quantizer.named_buffers()}, run_dir / f"rank{rank}_codebooks.pt")
-    manifest.update(status="complete", finished=datetime.now(UTC).isoformat(),
-                    train_seconds=time.perf_counter() - t_start)
-    if rank == 0:
-        _write_manifest(manifest_path, manifest)
-    return Run(run_dir, "complete", cfg.steps, pd.DataFrame(rows))
+    if session.data.world > 1:  # each rank's codebooks, to show whether ranks agree
+        save_torch({k: v.cpu() for k, v in session.parts.model.quantizer.named_buffers()},
+                   session.run_dir / f"rank{session.data.rank}_codebooks.pt")
+    session.write_manifest(status="complete", finished=_now(), train_seconds=time.perf_counter() - started)
+    return Run(session.run_dir, "complete", cfg.steps, pd.DataFrame(session.rows))
+
+
+def _loop(session: Session, started: float) -> None:
+    """Steps `start` to `steps`: train; log, validate and checkpoint when due (and after the last step)."""
+    cfg, model = session.cfg, session.parts.model
+    bar = tqdm(range(session.start, cfg.steps), initial=session.start, total=cfg.steps, desc=session.run_dir.name,
+               disable=not cfg.progress or session.data.rank != 0, dynamic_ncols=True)
+    due = lambda every: session.done % every == 0 or session.done == cfg.steps
+    for step in bar:
+        session.done = step + 1
+        scalars = _step(session, step)
+        if due(cfg.log_every):
+            row = {"step": session.done, "split": "train", "seconds": time.perf_counter() - started,
+                   **_scalars(scalars), **_codebook_totals(model)}
+            _check_finite(row, model, session.done)
+            session.rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", used_l0=row.get("used_l0"))
+        if due(cfg.valid_every):
+            _validate(session, started)
+        if due(cfg.checkpoint_every):
+            session.checkpoint()
+
+
+def _step(session: Session, step: int) -> dict[str, torch.Tensor]:
+    """Training step `step` (0-based) on its batch and bandwidth, both keyed by (seed, step, rank); the codebooks'
+    k-means first if this step ends the quantizer's warm-up. TrainingDiverged if the model's numbers go bad."""
+    cfg, data = session.cfg, session.data
+    wav = _train_batch(data.train_set, cfg, step, data.rank).to(data.device)
+    if not torch.isfinite(wav).all():
+        raise NonFiniteAudio("the training batch holds NaN or Inf samples")
+    bandwidth = cfg.bandwidths[int(torch.randint(len(cfg.bandwidths), (1,), generator=_step_generator(cfg.seed, step)))]
+    try:
+        if step == cfg.quantizer_warmup and cfg.kmeans_frames > 0:
+            _init_codebooks(session.parts.model, data.train_set, cfg, data.rank, data.device)
+        scalars = train_step(session.parts, cfg, wav, bandwidth, step, data.world)
+    except NonFiniteError as e:  # the batch is finite: the model's own numbers went bad
+        raise TrainingDiverged(f"diverged at step {step + 1}: {e}") from None
+    # every step, not only logged ones, so the message names the step where it happened
+    if not torch.isfinite(scalars["loss"]):
+        raise TrainingDiverged(f"diverged at step {step + 1}: the training loss is {float(scalars['loss'])}")
+    return scalars
+
+
+def _validate(session: Session, started: float) -> None:
+    """Scores on the validation windows as one row; TrainingDiverged if the loss is not finite."""
+    cfg, parts, data = session.cfg, session.parts, session.data
+    scores = validate(parts.model, parts.mel_loss, data.valid_set, cfg, data.device,
+                      session.done > cfg.quantizer_warmup)
+    session.rows.append({"step": session.done, "split": "valid", "seconds": time.perf_counter() - started, **scores})
+    parts.model.train()
+    if not math.isfinite(scores["loss"]):  # a model that is NaN on held-out audio has diverged too
+        raise TrainingDiverged(f"diverged at step {session.done}: the validation loss is {scores['loss']}")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 def _train_batch(dataset: AudioDataset, cfg: TrainConfig, step: int, rank: int) -> torch.Tensor:
@@ -538,7 +578,11 @@ def _sync_gradients(model: torch.nn.Module, world: int) -> None:
 
 @torch.no_grad()
 def _average_codebooks(model: Codec, world: int) -> None:
-    """AudioCraft's buffer sync after every step; a no-op (bit for bit) where ranks already agree."""
+    """AudioCraft's buffer sync after every step. Where ranks already agree it leaves the buffers bit for
+    bit as they were only if the all-reduce sums `world` equal values to exactly world * x, since x * n / n
+    is exact only for n a power of two: so for 2 ranks (x + x) always, for 4 or 8 when the sum is taken
+    pairwise; not for 3, 5 or 6 ranks (3x rounds), nor for 8 summed one rank at a time (float32 running
+    sums of equal values: exact for 2 and 4 terms, last bit off for 3, 5, 6 and 8)."""
     for cb in model.quantizer.codebooks:
         for buf in (cb.cluster_size, cb.embed, cb.embed_avg):
             distributed.all_reduce_sum_(buf).div_(world)
@@ -592,57 +636,6 @@ def validate(model: Codec, mel_loss: MultiScaleMelLoss, dataset: AudioDataset, c
         levels = {f"{col}_l{lvl}": float(v) for col in ("used", "perplexity") for lvl, v in zip(use.level, use[col])}
     return {"loss": sum(weights[k] * means[k] for k in ("l1", "mel", "sisdr")), **means,
             "bandwidth": cfg.valid_bandwidth, **levels}
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, given it or its run folder; FileNotFoundError naming it if there is none."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    return path
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Codec, TrainConfig, dict]:
-    """The codec (eval mode), config and raw checkpoint of a run's `checkpoint.pt` (or its run folder).
-    UserError (one line naming the file) if it is unreadable, not a run checkpoint, or its weights do not
-    fit its stored config."""
-    path = checkpoint_path(path)
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # zero bytes, text, a truncated zip...: the unpickler's error depends on the bytes
-        raise UserError(f"{path}: not a readable checkpoint ({_one_line(e)})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path}: not a studylib run checkpoint (expected keys 'model' and 'config')")
-    try:
-        cfg = TrainConfig(**ckpt["config"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: its stored config is not readable by this studylib ({_one_line(e)})") from None
-    codec = Codec(cfg.codec_config()).to(device)
-    if problem := weights_mismatch(ckpt["model"], codec.state_dict()):
-        raise UserError(f"{path}: the weights do not fit the stored config (model {cfg.model}, quantizer "
-                        f"{cfg.quantizer}): {problem}")
-    codec.load_state_dict(ckpt["model"])
-    return codec.eval(), cfg, ckpt
-
-
-def weights_mismatch(state_dict: dict, expected: dict) -> str | None:
-    """How a state dict differs from the one a model expects, in one line (None if its keys and shapes fit):
-    torch's own message lists every key, a hundred lines for a model of another size."""
-    if not isinstance(state_dict, dict):
-        return f"expected a state dict, got {type(state_dict).__name__}"
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [k for k in expected if k in state_dict and tuple(getattr(state_dict[k], "shape", ())) != tuple(
-        expected[k].shape)]
-    if not (missing or unexpected or shapes):
-        return None
-    parts = [f"{len(keys)} {what}" for keys, what in ((shapes, "of another shape"), (missing, "missing"),
-                                                       (unexpected, "unexpected")) if keys]
-    example = (f"e.g. {shapes[0]} is {list(state_dict[shapes[0]].shape)}, expected {list(expected[shapes[0]].shape)}"
-               if shapes else f"e.g. {(missing or unexpected)[0]}")
-    return f"{', '.join(parts)} of {len(expected)} tensors ({example})"
 
 
 # ---------------------------------------------------------------------------------------------- CLI

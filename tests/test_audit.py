@@ -11,7 +11,7 @@ import torch
 
 from studylib.audit import audit, audit_state_dict, audit_usage, cli
 from studylib.codec import Codec
-from studylib.train import load_checkpoint
+from studylib.storage import load_checkpoint
 
 torch.set_flush_denormal(True)
 

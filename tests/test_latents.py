@@ -9,7 +9,7 @@ from conftest import ROOT
 from studylib import config as cfglib
 from studylib.__main__ import main
 from studylib.latents import LatentRunConfig, Latents, dump_latents, train_on_latents
-from studylib.train import load_checkpoint
+from studylib.storage import load_checkpoint
 
 
 @pytest.fixture(scope="module")
