@@ -19,19 +19,23 @@ import concurrent.futures as futures
 import html
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from studylib import config as cfglib
 from studylib import locks
 from studylib.reports import atomic_write, read_json, write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_bug_anatomy", "02_quantizer_study", "03_train_codec", "04_compare", "05_codebook_audit",
@@ -551,16 +555,79 @@ def train_run(params: list[str], overrides: dict, run_dir: str | Path, nproc_per
     return pd.read_parquet(Path(run_dir) / "metrics.parquet")
 
 
-def codec_runs(results_dir: str | Path) -> list[dict]:
-    """Every codec run folder under results_dir/runs with its training manifest and cell record."""
-    found = []
-    for manifest_path in sorted(Path(results_dir).glob("runs/*/manifest.json")):
-        folder = manifest_path.parent
-        manifest = json.loads(manifest_path.read_text())
-        cell = read_json(folder / "cell.json") or {}
-        found.append({"run": folder.name, "folder": folder, "arm": cell.get("arm") or folder.name.split("-")[0],
-                      "seed": manifest.get("seed"), "status": manifest.get("status"), "manifest": manifest})
-    return found
+RUN_NAME = re.compile(r"(?P<arm>.+)-(?P<config_hash>[0-9a-f]{10})-s(?P<seed>\d+)")  # runs/<arm>-<hash>-s<seed>
+
+
+@dataclass(frozen=True)
+class Run:
+    """One codec run folder of a results folder (`runs/<arm>-<config hash>-s<seed>/`), as `list_runs` finds it."""
+
+    name: str  # the folder's name, e.g. fixed_rel-1a2b3c4d5e-s0
+    arm: str
+    seed: int | None
+    config_hash: str | None  # the study's hash in the folder name (the plan's identity of the run)
+    status: str  # training: manifest.json's status ("complete", "failed", ...), "not started" without one
+    folder: Path
+    manifest: dict = field(default_factory=dict, compare=False, repr=False)  # manifest.json, {} without one
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.parquet"
+
+    @property
+    def eval_items(self) -> Path:
+        return self.folder / "eval_test.parquet"
+
+    @property
+    def eval_levels(self) -> Path:
+        return self.folder / "eval_test_levels.parquet"
+
+    @property
+    def evaluated(self) -> bool:
+        """Scored on the test windows: both evaluation tables are on disk."""
+        return self.eval_items.is_file() and self.eval_levels.is_file()
+
+    def row(self) -> dict:
+        """A flat row for listings: name, arm, seed, hash, status, steps, device, training minutes, paths."""
+        config = self.manifest.get("config") or {}
+        return {"run": self.name, "arm": self.arm, "seed": self.seed, "config_hash": self.config_hash,
+                "status": self.status, "steps": config.get("steps"), "device": self.manifest.get("device"),
+                "train_min": round(self.manifest.get("train_seconds", float("nan")) / 60, 1),
+                "evaluated": self.evaluated, "folder": str(self.folder), "checkpoint": str(self.checkpoint)}
+
+
+def read_run(folder: str | Path) -> Run:
+    """The `Run` of one codec run folder: arm and seed from the runner's `cell.json` and the training
+    `manifest.json`, falling back to the folder name (`<arm>-<config hash>-s<seed>`)."""
+    folder = Path(folder)
+    manifest = read_json(folder / "manifest.json") or {}
+    cell = read_json(folder / "cell.json") or {}
+    named = RUN_NAME.fullmatch(folder.name)
+    seed = manifest.get("seed", cell.get("seed", int(named["seed"]) if named else None))
+    return Run(name=folder.name, arm=cell.get("arm") or (named["arm"] if named else folder.name),
+               seed=seed, config_hash=named["config_hash"] if named else None,
+               status=manifest.get("status", "not started"), folder=folder, manifest=manifest)
+
+
+def list_runs(results_dir: str | Path, evaluated: bool = False) -> list[Run]:
+    """Every codec run of one scale's results folder (`results_dir/runs/*/` holding a manifest.json or a
+    cell.json), sorted by folder name; with `evaluated`, only those scored on the test windows. The one
+    way the runner, the findings and the notebooks find runs on disk."""
+    folders = sorted(p for p in Path(results_dir).glob("runs/*")
+                     if p.is_dir() and ((p / "manifest.json").is_file() or (p / "cell.json").is_file()))
+    runs = [read_run(folder) for folder in folders]
+    return [r for r in runs if r.evaluated] if evaluated else runs
+
+
+def runs_table(runs: list[Run]) -> pd.DataFrame:
+    """`Run.row()` of each run as a table (the listing the reports show)."""
+    import pandas as pd
+
+    return pd.DataFrame([r.row() for r in runs])
 
 
 # ---------------------------------------------------------------------------------------------- CLI
