@@ -126,6 +126,46 @@ def load_study(path: str | Path, scale: str) -> dict:
     return settings
 
 
+RUNNER_KEYS = ("manifest", "results_dir", "out_dir", "progress")  # parameters every cell gets from the runner
+# The blocks of a scale handed to one notebook, and how their keys reach it: a block's keys are that notebook's
+# parameters, less the runner's and those it derives (`derived`), plus the block's own (`extra`, translated).
+NOTEBOOK_BLOCKS = {"anatomy": ("01_bug_anatomy", (), ()),
+                   "audit": ("05_codebook_audit", ("runs",), ("arms",)),
+                   "compare": ("04_compare", (), ())}
+
+
+def notebook_parameters(path: Path) -> tuple[str, ...]:
+    """The names of a notebook's `parameters` cell, as papermill reads them (what it can inject)."""
+    import logging
+
+    import papermill
+
+    logging.getLogger("papermill").setLevel(logging.ERROR)  # its parser's warnings are not the user's error
+    return tuple(papermill.inspect_notebook(str(path)))
+
+
+def check_notebook_blocks(scale: str, settings: dict, notebooks: Path = ROOT / "notebooks") -> None:
+    """Every key of the notebook blocks of a scale (anatomy, audit, compare) names a parameter of its
+    notebook (StudyError naming the block, the key and the allowed keys otherwise)."""
+    for block, (notebook, derived, extra) in NOTEBOOK_BLOCKS.items():
+        if block in settings:
+            names = notebook_parameters(notebooks / f"{notebook}.ipynb")
+            allowed = tuple(extra) + tuple(n for n in names if n not in RUNNER_KEYS + tuple(derived))
+            _check_keys(f"scales.{scale}.{block}", settings[block] or {}, allowed)
+
+
+def _check_cells_against_notebooks(cells: list[Cell], notebooks: Path) -> None:
+    """Every parameter the runner hands a notebook is one of its parameters (the runner and the notebooks agree)."""
+    known: dict[str, tuple[str, ...]] = {}
+    for cell in cells:
+        if cell.notebook not in known:
+            known[cell.notebook] = notebook_parameters(notebooks / f"{cell.notebook}.ipynb")
+        unknown = sorted(set(cell.parameters) - set(known[cell.notebook]))
+        if unknown:
+            raise StudyError(f"{cell.name}: {cell.notebook} has no parameter {unknown[0]!r}; its parameters: "
+                             f"{', '.join(known[cell.notebook])}")
+
+
 def _codec_config(scale_file: Path, arm_file: Path, sets: dict):
     from studylib.train import TrainConfig
 
@@ -140,6 +180,7 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
 
     params = Path(params)
     settings = load_study(params / "study.yaml", scale)
+    check_notebook_blocks(scale, settings)
     scale_file = params / "scales" / f"{scale}.yaml"
     if not scale_file.is_file():
         raise StudyError(f"--scale: {scale_file} does not exist")
@@ -180,7 +221,12 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
             for seed in arm_seeds.get(arm, seeds):
                 sets = {**(codec.get("set") or {}), "seed": seed, "manifest": str(manifest.resolve()),
                         "progress": False}
-                cfg = _codec_config(scale_file, arm_file, sets)
+                try:
+                    cfg = _codec_config(scale_file, arm_file, sets)
+                except StudyError:
+                    raise
+                except cfglib.ConfigError as e:
+                    raise StudyError(f"scales.{scale}.codec ({arm}, seed {seed}): {e}") from None
                 chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress", "manifest", "seed"))
                 cell = Cell(f"runs/{arm}-{chash}-s{seed}", "03_train_codec", {
                     "params": [str(scale_file.resolve()), str(arm_file.resolve())],
@@ -207,7 +253,10 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
         base, grid = dict(q.get("base") or {}), list(q.get("grid") or [])
         if not grid:
             raise StudyError(f"scales.{scale}.quantizer.grid: empty; give at least one block with an 'arm'")
-        expand_grid(grid, params / "arms", base)  # validates every quantizer cell now
+        try:
+            expand_grid(grid, params / "arms", base)  # validates every quantizer cell now
+        except cfglib.ConfigError as e:
+            raise StudyError(f"scales.{scale}.quantizer: {e}") from None
         cells.append(Cell("02_quantizer_study", "02_quantizer_study", {
             "source_run": source.name, "base": base, "grid": grid, "arms_dir": str((params / "arms").resolve()),
         }, needs=(source.name,)))
@@ -224,6 +273,7 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     common = {"manifest": str(manifest.resolve()), "results_dir": str(results.resolve()), "progress": False}
     for cell in cells:
         cell.parameters = {**cell.parameters, **common, "out_dir": str((results / cell.name).resolve())}
+    _check_cells_against_notebooks(cells, ROOT / "notebooks")
 
     selected = {c.name for c in cells}
     if only:
@@ -628,6 +678,14 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
     import pandas as pd
 
     return pd.DataFrame([r.row() for r in runs])
+
+
+def run_tables(runs: list[Run], file: str) -> pd.DataFrame:
+    """The table `file` (e.g. eval_test.parquet) of every run, one frame, tagged with arm, seed and run."""
+    import pandas as pd
+
+    return pd.concat([pd.read_parquet(r.folder / file).assign(arm=r.arm, seed=r.seed, run=r.name) for r in runs],
+                     ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
