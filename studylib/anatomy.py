@@ -48,6 +48,7 @@ from studylib.quantization import EuclideanCodebook, ExpiryConfig
 ISSUE = "https://github.com/facebookresearch/encodec/issues/61"
 BUFFERS = ("inited", "cluster_size", "embed", "embed_avg")
 KMEANS_BUDGET = 8e7  # encodec's k-means materialises an n x K x d tensor: above this, use our bit-exact one
+KMEANS_SHRINK_LIMIT = 4 * KMEANS_BUDGET  # kmeans_shrink always runs encodec's own: refused above this
 # The working expiry the fixed arms use here: Moshi's rule. A code is dead below 0.1 x the uniform usage
 # sum / K and restarts at the uniform usage, so one unused EMA step (x 0.99) cannot flag it again.
 # (At EnCodec's absolute threshold 2 with 600 frames per step a replaced code cannot reach usage 2:
@@ -329,9 +330,10 @@ def kmeans_shrink(n: int = 2400, codebook_size: int = 256, dim: int = 128, seed:
     ratio, theory.
     """
     core_vq = _encodec_core()
-    if n * codebook_size * dim > 4 * KMEANS_BUDGET:
+    if n * codebook_size * dim > KMEANS_SHRINK_LIMIT:
         raise ValueError(f"n x codebook_size x dim = {n * codebook_size * dim:.1e}: encodec's k-means would "
-                         f"materialise that many floats per iteration; keep it <= ~{KMEANS_BUDGET:.0e}")
+                         f"materialise that many floats per iteration; allowed at most {KMEANS_SHRINK_LIMIT:.1e} "
+                         f"(4 x KMEANS_BUDGET: kmeans_shrink has no bit-exact fallback)")
     x0, x1 = frames(0, n, dim, seed, drift=0.0), frames(1, n, dim, seed, drift=0.0)
     torch.manual_seed(seed)
     theirs = core_vq.EuclideanCodebook(dim, codebook_size, kmeans_init=True, kmeans_iters=kmeans_iters,

@@ -101,3 +101,10 @@ def test_missing_encodec_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "encodec.quantization", None)
     with pytest.raises(ImportError, match=r"pip install encodec==0\.1\.1"):
         anatomy.expiry_writes_vanish(steps=1, **SMALL)
+
+
+def test_kmeans_shrink_refuses_beyond_four_budgets_and_says_that_limit():
+    assert anatomy.KMEANS_SHRINK_LIMIT == 4 * anatomy.KMEANS_BUDGET
+    n = int(anatomy.KMEANS_SHRINK_LIMIT // (256 * 128)) + 1  # one frame over the limit
+    with pytest.raises(ValueError, match=r"allowed at most 3\.2e\+08 \(4 x KMEANS_BUDGET"):
+        anatomy.kmeans_shrink(n=n, codebook_size=256, dim=128)
