@@ -138,3 +138,40 @@ def codec_summary(items: pd.DataFrame, levels: pd.DataFrame, opus: pd.DataFrame 
                 row[metric], row[f"{metric}_ci95"] = reports.t_ci95(group.groupby("item")[metric].mean().tolist())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def focus_rows(summary: pd.DataFrame, focus_kbps: float) -> pd.DataFrame:
+    """`codec_summary` at `focus_kbps`, with every Opus row."""
+    return summary[(summary.kbps == focus_kbps) | (summary.arm == "opus")]
+
+
+def paper_anchor(summary: pd.DataFrame, focus_kbps: float) -> pd.DataFrame:
+    """The EnCodec paper's 6 kbps rows (its model and its Opus, on its test set) beside this study's arms at
+    `focus_kbps` and the Opus bitrate nearest it: a far anchor (other data, model size and budget)."""
+    focus = focus_rows(summary, focus_kbps)
+    opus_kbps = focus[focus.arm == "opus"].kbps
+    nearest = (opus_kbps - focus_kbps).abs().min() if len(opus_kbps) else None
+    paper = [{"system": "EnCodec paper, 24 kHz streamable", "kbps": 6.0, "si_sdr": 6.67, "visqol_audio": 4.35,
+              "data": "paper's test set"},
+             {"system": "Opus (paper)", "kbps": 6.0, "si_sdr": 2.45, "visqol_audio": 2.60, "data": "paper's test set"}]
+    ours = [{"system": f"this study: {r.arm}", "kbps": r.kbps, "si_sdr": r.si_sdr,
+             "visqol_audio": getattr(r, "visqol_audio", float("nan")), "data": "this corpus, this scale"}
+            for r in focus.itertuples() if r.arm != "opus" or abs(r.kbps - focus_kbps) == nearest]
+    return pd.DataFrame(paper + ours)
+
+
+def compare_headline(summary: pd.DataFrame, focus_kbps: float, upstream_is_none: bool | None, runs: int,
+                     seeds: list[int], plateau: bool) -> dict:
+    """04_compare's summary.json: the identical-runs claim and each arm's scores at `focus_kbps`."""
+    at_focus = summary[summary.kbps == focus_kbps].set_index("arm")
+    columns = [c for c in ("si_sdr", "si_sdr_ci95", "mel_distance", "visqol_audio", "usage", "perplexity",
+                           "bitrate_efficiency") if c in at_focus]
+    return {
+        "upstream_identical_to_none": upstream_is_none,
+        "focus_kbps": focus_kbps,
+        "arms": {arm: {k: (None if pd.isna(v) else float(v)) for k, v in at_focus.loc[arm, columns].items()}
+                 for arm in at_focus.index},
+        "opus": {f"{r.kbps:g}": {"si_sdr": r.si_sdr, "visqol_audio": getattr(r, "visqol_audio", None)}
+                 for r in summary[summary.arm == "opus"].itertuples()},
+        "runs": runs, "seeds": seeds, "codecs_on_initial_plateau": bool(plateau),
+    }

@@ -155,12 +155,13 @@ def check_notebook_blocks(scale: str, settings: dict, notebooks: Path = ROOT / "
 
 
 def _check_cells_against_notebooks(cells: list[Cell], notebooks: Path) -> None:
-    """Every parameter the runner hands a notebook is one of its parameters (the runner and the notebooks agree)."""
+    """Every parameter the runner hands a notebook, but the common ones (`RUNNER_KEYS`, which a notebook may
+    leave out), is one of its parameters: the runner and the notebooks agree."""
     known: dict[str, tuple[str, ...]] = {}
     for cell in cells:
         if cell.notebook not in known:
             known[cell.notebook] = notebook_parameters(notebooks / f"{cell.notebook}.ipynb")
-        unknown = sorted(set(cell.parameters) - set(known[cell.notebook]))
+        unknown = sorted(set(cell.parameters) - set(known[cell.notebook]) - set(RUNNER_KEYS))
         if unknown:
             raise StudyError(f"{cell.name}: {cell.notebook} has no parameter {unknown[0]!r}; its parameters: "
                              f"{', '.join(known[cell.notebook])}")
@@ -686,6 +687,24 @@ def run_tables(runs: list[Run], file: str) -> pd.DataFrame:
 
     return pd.concat([pd.read_parquet(r.folder / file).assign(arm=r.arm, seed=r.seed, run=r.name) for r in runs],
                      ignore_index=True)
+
+
+def example_rows(runs: list[Run], label: str, kinds: tuple[str, ...] = ("speech", "music")) -> list[dict]:
+    """For listening: per kind, the first example of the first run (examples/<stem>_reference.flac) and each
+    run's `<stem>_<label>.flac` of the same seed (None where missing), keyed by arm."""
+    rows = []
+    for kind in kinds:
+        refs = sorted((runs[0].folder / "examples").glob(f"{kind}_*_reference.flac")) if runs else []
+        if not refs:
+            continue
+        stem = refs[0].name[: -len("_reference.flac")]
+        row = {"example": stem, "reference": refs[0]}
+        for r in runs:
+            if r.seed == runs[0].seed:
+                path = r.folder / "examples" / f"{stem}_{label}.flac"
+                row[r.arm] = path if path.is_file() else None
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- CLI
