@@ -496,5 +496,58 @@ def _ddp_worker(argv: Sequence[str]) -> None:
     dist.destroy_process_group()
 
 
+
+# ------------------------------------------------------------------------------------- the claims
+
+
+def parity_claims(parity: pd.DataFrame) -> dict:
+    """From `buggy_equals_none`: upstream == none (max |difference| exactly 0) and upstream == encodec 0.1.1
+    (torch.equal) at every step, and the largest upstream-vs-none difference."""
+    up_none = parity[parity.comparison == "upstream vs none"]
+    return {"buggy_equals_none": bool((up_none.max_abs_diff == 0).all()),
+            "buggy_vs_none_max_abs_diff": float(up_none.max_abs_diff.max()),
+            "encodec_parity": bool(parity[parity.comparison == "upstream vs encodec"].equal.all())}
+
+
+def dead_claims(dead: pd.DataFrame, frames: int, large_frames: int) -> dict:
+    """From `dead_code_arithmetic`: the fewest codes flagged dead at `frames` per step by the absolute threshold
+    (and its floor) and by the relative one, and the absolute floor at `large_frames`."""
+    at_n = dead[dead.frames == frames]
+    absolute = at_n[at_n.rule == "absolute"]
+    return {"min_dead_codes_at_threshold_2": int(absolute.dead.min()), "dead_floor": int(absolute.floor.iloc[0]),
+            "min_dead_codes_relative_0.1": int(at_n[at_n.rule == "relative"].dead.min()),
+            "dead_floor_at_large_frames": int(dead[(dead.frames == large_frames)
+                                                   & (dead.rule == "absolute")].floor.max())}
+
+
+def ddp_claims(ddp: pd.DataFrame) -> dict:
+    """From `rank0_broadcast`: per mode the largest |rank 0 - rank 1| over steps and buffers, and the codes
+    `fixed` replaced on rank 0."""
+    return {"ddp_max_rank_diff": {mode: float(rows.max_abs_diff.max()) for mode, rows in ddp.groupby("mode")},
+            "ddp_fixed_replaced": int(ddp[(ddp["mode"] == "fixed") & (ddp.buffer == "embed")].replaced_rank0.sum())}
+
+
+def summary(knobs: dict, writes: ExpiryWrites, parity: dict, shrink: KMeansShrink, dead: dict, ddp: dict) -> dict:
+    """01_bug_anatomy's summary.json: the knobs and every claim of the five experiments."""
+    return {
+        "knobs": knobs,
+        "replaced_upstream": writes.replaced_upstream,
+        "replaced_rows_surviving_upstream": writes.replaced_rows_surviving_upstream,
+        "identical_to_no_write_twin": writes.identical_to_twin,
+        "replaced_fixed": writes.replaced_fixed,
+        "fixed_replaced_are_frames": writes.fixed_replaced_are_frames,
+        "fixed_alive_next_step": writes.fixed_alive_next_step,
+        "buggy_equals_none": parity["buggy_equals_none"],
+        "buggy_vs_none_max_abs_diff": parity["buggy_vs_none_max_abs_diff"],
+        "encodec_parity": parity["encodec_parity"],
+        "kmeans_shrink_median_ratio": shrink.median_ratio,
+        "kmeans_shrink_median_ratio_over_theory": shrink.median_ratio_over_theory,
+        "kmeans_empty_codes": shrink.empty_codes,
+        **{k: dead[k] for k in ("min_dead_codes_at_threshold_2", "dead_floor", "min_dead_codes_relative_0.1",
+                                "dead_floor_at_large_frames")},
+        "ddp_max_rank_diff": ddp["ddp_max_rank_diff"],
+    }
+
+
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1:])

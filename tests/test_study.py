@@ -343,3 +343,24 @@ def test_list_runs_reads_arm_seed_hash_status_and_paths(tmp_path):
     table = study.runs_table(runs)
     assert list(table.run) == [r.name for r in runs] and table.steps.iloc[0] == 5
     assert study.list_runs(tmp_path / "nothing") == []
+
+
+def test_run_tables_and_example_rows_come_from_the_listed_runs(tmp_path):
+    a = _run_folder(tmp_path, "none-0123456789-s0", {"status": "complete", "seed": 0}, {"arm": "none"}, evaluated=True)
+    b = _run_folder(tmp_path, "upstream-0123456789-s0", {"status": "complete", "seed": 0}, {"arm": "upstream"},
+                    evaluated=True)
+    for folder, files in ((a, ["speech_01_reference.flac", "speech_01_6kbps.flac", "music_02_reference.flac"]),
+                          (b, ["speech_01_6kbps.flac"])):
+        (folder / "examples").mkdir()
+        for name in files:
+            (folder / "examples" / name).write_bytes(b"")
+    runs = study.list_runs(tmp_path, evaluated=True)
+    table = study.run_tables(runs, "eval_test.parquet")
+    assert list(table.arm) == ["none", "upstream"] and list(table.run) == [a.name, b.name]
+    assert list(table.seed) == [0, 0]
+    rows = study.example_rows(runs, "6kbps")
+    assert rows[0] == {"example": "speech_01", "reference": a / "examples" / "speech_01_reference.flac",
+                       "none": a / "examples" / "speech_01_6kbps.flac",
+                       "upstream": b / "examples" / "speech_01_6kbps.flac"}
+    assert rows[1]["example"] == "music_02" and rows[1]["none"] is None and rows[1]["upstream"] is None
+    assert study.example_rows([], "6kbps") == []
