@@ -497,6 +497,32 @@ def _ddp_worker(argv: Sequence[str]) -> None:
 
 
 
+
+def plot_dead_codes(dead: pd.DataFrame, codebook_size: int, colors: dict[str, str]):
+    """`dead_code_arithmetic` as a figure: one panel per frames-per-step, codes flagged dead by the absolute
+    (`colors["absolute"]`) and the relative rule (`colors["relative"]`) over steps, the absolute rule's floor
+    K - floor(n / 2) dashed, K dotted."""
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(dead.frames.unique())
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 3.8), sharey=True, squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        rows = dead[dead.frames == size]
+        for rule, label in (("absolute", "usage < 2 (EnCodec)"), ("relative", "usage < 0.1 x sum / K (Moshi)")):
+            r = rows[rows.rule == rule]
+            ax.plot(r.step, r.dead, color=colors[rule], lw=1.5, label=label)
+        floor = int(rows[rows.rule == "absolute"].floor.iloc[0])
+        ax.axhline(floor, color=colors["absolute"], ls="--", lw=1, label="floor of usage < 2: K - floor(n / 2)")
+        ax.axhline(codebook_size, color="black", ls=":", lw=0.8, label="K")
+        impl = "encodec 0.1.1" if rows.implementation.iloc[0] == "encodec" else "our upstream = encodec bit for bit"
+        ax.set(title=f"n = {size} frames per step, floor {floor}\n({impl})", xlabel="step",
+               ylabel="codes flagged dead", ylim=(-20, codebook_size * 1.05))
+    fig.suptitle(f"Codes flagged dead, K = {codebook_size}")
+    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4,
+               frameon=False)
+    return fig
+
 # ------------------------------------------------------------------------------------- the claims
 
 

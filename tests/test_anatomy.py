@@ -125,3 +125,15 @@ def test_the_claims_read_off_the_experiment_tables():
     ddp = pd.DataFrame({"mode": ["fixed", "fixed", "none"], "buffer": ["embed", "embed_avg", "embed"],
                         "max_abs_diff": [0.0, 0.0, 2.5], "replaced_rank0": [3, 100, 0]})
     assert anatomy.ddp_claims(ddp) == {"ddp_max_rank_diff": {"fixed": 0.0, "none": 2.5}, "ddp_fixed_replaced": 3}
+
+
+def test_plot_dead_codes_has_a_panel_per_batch_size_with_its_floor():
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    dead = pd.DataFrame([{"frames": n, "rule": rule, "step": step, "dead": 10, "floor": 7 if n == 16 else 0,
+                          "implementation": "encodec" if n == 16 else "ours"}
+                         for n in (16, 64) for rule in ("absolute", "relative") for step in (0, 1)])
+    fig = anatomy.plot_dead_codes(dead, 32, {"absolute": "red", "relative": "green"})
+    assert len(fig.axes) == 2 and fig.axes[0].get_title().startswith("n = 16 frames per step, floor 7")
