@@ -224,8 +224,6 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
                         "progress": False}
                 try:
                     cfg = _codec_config(scale_file, arm_file, sets)
-                except StudyError:
-                    raise
                 except cfglib.ConfigError as e:
                     raise StudyError(f"scales.{scale}.codec ({arm}, seed {seed}): {e}") from None
                 chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress", "manifest", "seed"))
