@@ -48,6 +48,7 @@ from studylib.quantization import EuclideanCodebook, ExpiryConfig
 ISSUE = "https://github.com/facebookresearch/encodec/issues/61"
 BUFFERS = ("inited", "cluster_size", "embed", "embed_avg")
 KMEANS_BUDGET = 8e7  # encodec's k-means materialises an n x K x d tensor: above this, use our bit-exact one
+KMEANS_SHRINK_LIMIT = 4 * KMEANS_BUDGET  # kmeans_shrink always runs encodec's own: refused above this
 # The working expiry the fixed arms use here: Moshi's rule. A code is dead below 0.1 x the uniform usage
 # sum / K and restarts at the uniform usage, so one unused EMA step (x 0.99) cannot flag it again.
 # (At EnCodec's absolute threshold 2 with 600 frames per step a replaced code cannot reach usage 2:
@@ -329,9 +330,10 @@ def kmeans_shrink(n: int = 2400, codebook_size: int = 256, dim: int = 128, seed:
     ratio, theory.
     """
     core_vq = _encodec_core()
-    if n * codebook_size * dim > 4 * KMEANS_BUDGET:
+    if n * codebook_size * dim > KMEANS_SHRINK_LIMIT:
         raise ValueError(f"n x codebook_size x dim = {n * codebook_size * dim:.1e}: encodec's k-means would "
-                         f"materialise that many floats per iteration; keep it <= ~{KMEANS_BUDGET:.0e}")
+                         f"materialise that many floats per iteration; allowed at most {KMEANS_SHRINK_LIMIT:.1e} "
+                         f"(4 x KMEANS_BUDGET: kmeans_shrink has no bit-exact fallback)")
     x0, x1 = frames(0, n, dim, seed, drift=0.0), frames(1, n, dim, seed, drift=0.0)
     torch.manual_seed(seed)
     theirs = core_vq.EuclideanCodebook(dim, codebook_size, kmeans_init=True, kmeans_iters=kmeans_iters,
@@ -492,6 +494,85 @@ def _ddp_worker(argv: Sequence[str]) -> None:
     reports.save_table(pd.DataFrame(rows), out_dir, f"rank{rank}")
     dist.barrier()
     dist.destroy_process_group()
+
+
+
+
+def plot_dead_codes(dead: pd.DataFrame, codebook_size: int, colors: dict[str, str]):
+    """`dead_code_arithmetic` as a figure: one panel per frames-per-step, codes flagged dead by the absolute
+    (`colors["absolute"]`) and the relative rule (`colors["relative"]`) over steps, the absolute rule's floor
+    K - floor(n / 2) dashed, K dotted."""
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(dead.frames.unique())
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 3.8), sharey=True, squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        rows = dead[dead.frames == size]
+        for rule, label in (("absolute", "usage < 2 (EnCodec)"), ("relative", "usage < 0.1 x sum / K (Moshi)")):
+            r = rows[rows.rule == rule]
+            ax.plot(r.step, r.dead, color=colors[rule], lw=1.5, label=label)
+        floor = int(rows[rows.rule == "absolute"].floor.iloc[0])
+        ax.axhline(floor, color=colors["absolute"], ls="--", lw=1, label="floor of usage < 2: K - floor(n / 2)")
+        ax.axhline(codebook_size, color="black", ls=":", lw=0.8, label="K")
+        impl = "encodec 0.1.1" if rows.implementation.iloc[0] == "encodec" else "our upstream = encodec bit for bit"
+        ax.set(title=f"n = {size} frames per step, floor {floor}\n({impl})", xlabel="step",
+               ylabel="codes flagged dead", ylim=(-20, codebook_size * 1.05))
+    fig.suptitle(f"Codes flagged dead, K = {codebook_size}")
+    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4,
+               frameon=False)
+    return fig
+
+# ------------------------------------------------------------------------------------- the claims
+
+
+def parity_claims(parity: pd.DataFrame) -> dict:
+    """From `buggy_equals_none`: upstream == none (max |difference| exactly 0) and upstream == encodec 0.1.1
+    (torch.equal) at every step, and the largest upstream-vs-none difference."""
+    up_none = parity[parity.comparison == "upstream vs none"]
+    return {"buggy_equals_none": bool((up_none.max_abs_diff == 0).all()),
+            "buggy_vs_none_max_abs_diff": float(up_none.max_abs_diff.max()),
+            "encodec_parity": bool(parity[parity.comparison == "upstream vs encodec"].equal.all())}
+
+
+def dead_claims(dead: pd.DataFrame, frames: int, large_frames: int) -> dict:
+    """From `dead_code_arithmetic`: the fewest codes flagged dead at `frames` per step by the absolute threshold
+    (and its floor) and by the relative one, and the absolute floor at `large_frames`."""
+    at_n = dead[dead.frames == frames]
+    absolute = at_n[at_n.rule == "absolute"]
+    return {"min_dead_codes_at_threshold_2": int(absolute.dead.min()), "dead_floor": int(absolute.floor.iloc[0]),
+            "min_dead_codes_relative_0.1": int(at_n[at_n.rule == "relative"].dead.min()),
+            "dead_floor_at_large_frames": int(dead[(dead.frames == large_frames)
+                                                   & (dead.rule == "absolute")].floor.max())}
+
+
+def ddp_claims(ddp: pd.DataFrame) -> dict:
+    """From `rank0_broadcast`: per mode the largest |rank 0 - rank 1| over steps and buffers, and the codes
+    `fixed` replaced on rank 0."""
+    return {"ddp_max_rank_diff": {mode: float(rows.max_abs_diff.max()) for mode, rows in ddp.groupby("mode")},
+            "ddp_fixed_replaced": int(ddp[(ddp["mode"] == "fixed") & (ddp.buffer == "embed")].replaced_rank0.sum())}
+
+
+def summary(knobs: dict, writes: ExpiryWrites, parity: dict, shrink: KMeansShrink, dead: dict, ddp: dict) -> dict:
+    """01_bug_anatomy's summary.json: the knobs and every claim of the five experiments."""
+    return {
+        "knobs": knobs,
+        "replaced_upstream": writes.replaced_upstream,
+        "replaced_rows_surviving_upstream": writes.replaced_rows_surviving_upstream,
+        "identical_to_no_write_twin": writes.identical_to_twin,
+        "replaced_fixed": writes.replaced_fixed,
+        "fixed_replaced_are_frames": writes.fixed_replaced_are_frames,
+        "fixed_alive_next_step": writes.fixed_alive_next_step,
+        "buggy_equals_none": parity["buggy_equals_none"],
+        "buggy_vs_none_max_abs_diff": parity["buggy_vs_none_max_abs_diff"],
+        "encodec_parity": parity["encodec_parity"],
+        "kmeans_shrink_median_ratio": shrink.median_ratio,
+        "kmeans_shrink_median_ratio_over_theory": shrink.median_ratio_over_theory,
+        "kmeans_empty_codes": shrink.empty_codes,
+        **{k: dead[k] for k in ("min_dead_codes_at_threshold_2", "dead_floor", "min_dead_codes_relative_0.1",
+                                "dead_floor_at_large_frames")},
+        "ddp_max_rank_diff": ddp["ddp_max_rank_diff"],
+    }
 
 
 if __name__ == "__main__":

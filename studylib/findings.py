@@ -19,6 +19,7 @@ import pandas as pd
 
 from studylib import reports
 from studylib.storage import read_json
+from studylib.study import Run, list_runs
 
 COLUMNS = ["scale", "arm", "seed", "run", "bandwidth_kbps", "si_sdr_db", "mel_distance", "visqol", "usage",
            "perplexity", "perplexity_l0", "entropy_kbps", "n_items", "steps", "left_plateau_step", "train_minutes",
@@ -33,18 +34,17 @@ START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 PAPER = {"system": "EnCodec paper, 24 kHz streamable (other data, GPU-days)", "si_sdr_db": 6.67, "visqol": 4.35}
 
 
-def run_rows(run: Path, scale: str) -> list[dict]:
-    """One row per bandwidth of one evaluated codec run folder (eval_test*.parquet, manifest.json)."""
-    manifest = read_json(run / "manifest.json") or {}
-    cell = read_json(run / "cell.json") or {}
-    summary = read_json(run / "summary.json") or {}
-    items = pd.read_parquet(run / "eval_test.parquet")
-    levels = pd.read_parquet(run / "eval_test_levels.parquet")
+def run_rows(run: Run, scale: str) -> list[dict]:
+    """One row per bandwidth of one evaluated codec run (`study.list_runs`: eval_test*.parquet, manifest.json)."""
+    manifest = run.manifest
+    summary = read_json(run.folder / "summary.json") or {}
+    items = pd.read_parquet(run.eval_items)
+    levels = pd.read_parquet(run.eval_levels)
     rows = []
     for bw, group in items.groupby("bandwidth"):
         lv = levels[levels.bandwidth == bw]
         rows.append({
-            "scale": scale, "arm": cell.get("arm") or run.name.split("-")[0], "seed": manifest.get("seed"),
+            "scale": scale, "arm": run.arm, "seed": run.seed,
             "run": run.name, "bandwidth_kbps": float(bw), "si_sdr_db": group.si_sdr.mean(),
             "mel_distance": group.mel_distance.mean(),
             "visqol": group.visqol_audio.mean() if "visqol_audio" in group else math.nan,
@@ -73,9 +73,8 @@ def summary_table(results: str | Path) -> pd.DataFrame:
     """Every evaluated codec run of every scale under `results`, one row per run x bandwidth, and Opus."""
     rows = []
     for scale_dir in sorted(p for p in Path(results).iterdir() if p.is_dir() and (p / "runs").is_dir()):
-        for run in sorted(scale_dir.glob("runs/*")):
-            if (run / "eval_test.parquet").is_file() and (run / "eval_test_levels.parquet").is_file():
-                rows += run_rows(run, scale_dir.name)
+        for run in list_runs(scale_dir, evaluated=True):
+            rows += run_rows(run, scale_dir.name)
         rows += opus_rows(scale_dir / "baselines" / "opus_test.parquet", scale_dir.name)
     table = pd.DataFrame(rows, columns=COLUMNS).astype({"seed": "Int64"})
     order = {arm: i for i, arm in enumerate(ARM_ORDER)}

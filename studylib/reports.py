@@ -127,6 +127,31 @@ def plot_training(metrics: pd.DataFrame, terms: Sequence[str] = ("loss", "mel", 
     return fig
 
 
+def plot_arms_training(metrics: pd.DataFrame, arms: Sequence[str]):
+    """Codec runs of several arms during training (`metrics`: their metrics.parquet rows tagged arm, mean over
+    seeds): codes used in the batch at level 0, dead codes (mean over levels, each arm's own threshold) and the
+    validation loss; `upstream` dashed (it draws `none`'s line)."""
+    import matplotlib.pyplot as plt
+
+    train = metrics[metrics.split == "train"].copy()
+    train["dead_mean"] = train[level_columns(train, "dead_now")].mean(axis=1)
+    valid = metrics[metrics.split == "valid"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for arm in arms:
+        color, ls = arm_color(arm), "--" if arm == "upstream" else "-"
+        a = train[train.arm == arm].groupby("step").mean(numeric_only=True)
+        v = valid[valid.arm == arm].groupby("step").mean(numeric_only=True)
+        axes[0].plot(a.index, a.used_l0, ls, color=color, label=arm)
+        axes[1].plot(a.index, a.dead_mean, ls, color=color, label=arm)
+        axes[2].plot(v.index, v.loss, ls, marker="o", color=color, label=arm)
+    axes[0].set(title="codes used in the batch, level 0", xlabel="step", yscale="log")
+    axes[1].set(title="dead codes per level (own threshold)", xlabel="step")
+    axes[2].set(title="validation loss", xlabel="step")
+    axes[0].legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
 def plot_levels(frame: pd.DataFrame, prefix: str, title: str, ax=None, levels: int | None = 8, x: str = "step"):
     """`prefix_l{i}` per level over `x` (one line per level, darker = deeper)."""
     import matplotlib.pyplot as plt

@@ -19,19 +19,23 @@ import concurrent.futures as futures
 import html
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from studylib import config as cfglib
 from studylib import locks
 from studylib.reports import atomic_write, read_json, write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_bug_anatomy", "02_quantizer_study", "03_train_codec", "04_compare", "05_codebook_audit",
@@ -122,6 +126,47 @@ def load_study(path: str | Path, scale: str) -> dict:
     return settings
 
 
+RUNNER_KEYS = ("manifest", "results_dir", "out_dir", "progress")  # parameters every cell gets from the runner
+# The blocks of a scale handed to one notebook, and how their keys reach it: a block's keys are that notebook's
+# parameters, less the runner's and those it derives (`derived`), plus the block's own (`extra`, translated).
+NOTEBOOK_BLOCKS = {"anatomy": ("01_bug_anatomy", (), ()),
+                   "audit": ("05_codebook_audit", ("runs",), ("arms",)),
+                   "compare": ("04_compare", (), ())}
+
+
+def notebook_parameters(path: Path) -> tuple[str, ...]:
+    """The names of a notebook's `parameters` cell, as papermill reads them (what it can inject)."""
+    import logging
+
+    import papermill
+
+    logging.getLogger("papermill").setLevel(logging.ERROR)  # its parser's warnings are not the user's error
+    return tuple(papermill.inspect_notebook(str(path)))
+
+
+def check_notebook_blocks(scale: str, settings: dict, notebooks: Path = ROOT / "notebooks") -> None:
+    """Every key of the notebook blocks of a scale (anatomy, audit, compare) names a parameter of its
+    notebook (StudyError naming the block, the key and the allowed keys otherwise)."""
+    for block, (notebook, derived, extra) in NOTEBOOK_BLOCKS.items():
+        if block in settings:
+            names = notebook_parameters(notebooks / f"{notebook}.ipynb")
+            allowed = tuple(extra) + tuple(n for n in names if n not in RUNNER_KEYS + tuple(derived))
+            _check_keys(f"scales.{scale}.{block}", settings[block] or {}, allowed)
+
+
+def _check_cells_against_notebooks(cells: list[Cell], notebooks: Path) -> None:
+    """Every parameter the runner hands a notebook, but the common ones (`RUNNER_KEYS`, which a notebook may
+    leave out), is one of its parameters: the runner and the notebooks agree."""
+    known: dict[str, tuple[str, ...]] = {}
+    for cell in cells:
+        if cell.notebook not in known:
+            known[cell.notebook] = notebook_parameters(notebooks / f"{cell.notebook}.ipynb")
+        unknown = sorted(set(cell.parameters) - set(known[cell.notebook]) - set(RUNNER_KEYS))
+        if unknown:
+            raise StudyError(f"{cell.name}: {cell.notebook} has no parameter {unknown[0]!r}; its parameters: "
+                             f"{', '.join(known[cell.notebook])}")
+
+
 def _codec_config(scale_file: Path, arm_file: Path, sets: dict):
     from studylib.train import TrainConfig
 
@@ -136,6 +181,7 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
 
     params = Path(params)
     settings = load_study(params / "study.yaml", scale)
+    check_notebook_blocks(scale, settings)
     scale_file = params / "scales" / f"{scale}.yaml"
     if not scale_file.is_file():
         raise StudyError(f"--scale: {scale_file} does not exist")
@@ -176,7 +222,10 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
             for seed in arm_seeds.get(arm, seeds):
                 sets = {**(codec.get("set") or {}), "seed": seed, "manifest": str(manifest.resolve()),
                         "progress": False}
-                cfg = _codec_config(scale_file, arm_file, sets)
+                try:
+                    cfg = _codec_config(scale_file, arm_file, sets)
+                except cfglib.ConfigError as e:
+                    raise StudyError(f"scales.{scale}.codec ({arm}, seed {seed}): {e}") from None
                 chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress", "manifest", "seed"))
                 cell = Cell(f"runs/{arm}-{chash}-s{seed}", "03_train_codec", {
                     "params": [str(scale_file.resolve()), str(arm_file.resolve())],
@@ -203,7 +252,10 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
         base, grid = dict(q.get("base") or {}), list(q.get("grid") or [])
         if not grid:
             raise StudyError(f"scales.{scale}.quantizer.grid: empty; give at least one block with an 'arm'")
-        expand_grid(grid, params / "arms", base)  # validates every quantizer cell now
+        try:
+            expand_grid(grid, params / "arms", base)  # validates every quantizer cell now
+        except cfglib.ConfigError as e:
+            raise StudyError(f"scales.{scale}.quantizer: {e}") from None
         cells.append(Cell("02_quantizer_study", "02_quantizer_study", {
             "source_run": source.name, "base": base, "grid": grid, "arms_dir": str((params / "arms").resolve()),
         }, needs=(source.name,)))
@@ -220,6 +272,7 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     common = {"manifest": str(manifest.resolve()), "results_dir": str(results.resolve()), "progress": False}
     for cell in cells:
         cell.parameters = {**cell.parameters, **common, "out_dir": str((results / cell.name).resolve())}
+    _check_cells_against_notebooks(cells, ROOT / "notebooks")
 
     selected = {c.name for c in cells}
     if only:
@@ -551,16 +604,105 @@ def train_run(params: list[str], overrides: dict, run_dir: str | Path, nproc_per
     return pd.read_parquet(Path(run_dir) / "metrics.parquet")
 
 
-def codec_runs(results_dir: str | Path) -> list[dict]:
-    """Every codec run folder under results_dir/runs with its training manifest and cell record."""
-    found = []
-    for manifest_path in sorted(Path(results_dir).glob("runs/*/manifest.json")):
-        folder = manifest_path.parent
-        manifest = json.loads(manifest_path.read_text())
-        cell = read_json(folder / "cell.json") or {}
-        found.append({"run": folder.name, "folder": folder, "arm": cell.get("arm") or folder.name.split("-")[0],
-                      "seed": manifest.get("seed"), "status": manifest.get("status"), "manifest": manifest})
-    return found
+RUN_NAME = re.compile(r"(?P<arm>.+)-(?P<config_hash>[0-9a-f]{10})-s(?P<seed>\d+)")  # runs/<arm>-<hash>-s<seed>
+
+
+@dataclass(frozen=True)
+class Run:
+    """One codec run folder of a results folder (`runs/<arm>-<config hash>-s<seed>/`), as `list_runs` finds it."""
+
+    name: str  # the folder's name, e.g. fixed_rel-1a2b3c4d5e-s0
+    arm: str
+    seed: int | None
+    config_hash: str | None  # the study's hash in the folder name (the plan's identity of the run)
+    status: str  # training: manifest.json's status ("complete", "failed", ...), "not started" without one
+    folder: Path
+    manifest: dict = field(default_factory=dict, compare=False, repr=False)  # manifest.json, {} without one
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.parquet"
+
+    @property
+    def eval_items(self) -> Path:
+        return self.folder / "eval_test.parquet"
+
+    @property
+    def eval_levels(self) -> Path:
+        return self.folder / "eval_test_levels.parquet"
+
+    @property
+    def evaluated(self) -> bool:
+        """Scored on the test windows: both evaluation tables are on disk."""
+        return self.eval_items.is_file() and self.eval_levels.is_file()
+
+    def row(self) -> dict:
+        """A flat row for listings: name, arm, seed, hash, status, steps, device, training minutes, paths."""
+        config = self.manifest.get("config") or {}
+        return {"run": self.name, "arm": self.arm, "seed": self.seed, "config_hash": self.config_hash,
+                "status": self.status, "steps": config.get("steps"), "device": self.manifest.get("device"),
+                "train_min": round(self.manifest.get("train_seconds", float("nan")) / 60, 1),
+                "evaluated": self.evaluated, "folder": str(self.folder), "checkpoint": str(self.checkpoint)}
+
+
+def read_run(folder: str | Path) -> Run:
+    """The `Run` of one codec run folder: arm and seed from the runner's `cell.json` and the training
+    `manifest.json`, falling back to the folder name (`<arm>-<config hash>-s<seed>`)."""
+    folder = Path(folder)
+    manifest = read_json(folder / "manifest.json") or {}
+    cell = read_json(folder / "cell.json") or {}
+    named = RUN_NAME.fullmatch(folder.name)
+    seed = manifest.get("seed", cell.get("seed", int(named["seed"]) if named else None))
+    return Run(name=folder.name, arm=cell.get("arm") or (named["arm"] if named else folder.name),
+               seed=seed, config_hash=named["config_hash"] if named else None,
+               status=manifest.get("status", "not started"), folder=folder, manifest=manifest)
+
+
+def list_runs(results_dir: str | Path, evaluated: bool = False) -> list[Run]:
+    """Every codec run of one scale's results folder (`results_dir/runs/*/` holding a manifest.json or a
+    cell.json), sorted by folder name; with `evaluated`, only those scored on the test windows. The one
+    way the runner, the findings and the notebooks find runs on disk."""
+    folders = sorted(p for p in Path(results_dir).glob("runs/*")
+                     if p.is_dir() and ((p / "manifest.json").is_file() or (p / "cell.json").is_file()))
+    runs = [read_run(folder) for folder in folders]
+    return [r for r in runs if r.evaluated] if evaluated else runs
+
+
+def runs_table(runs: list[Run]) -> pd.DataFrame:
+    """`Run.row()` of each run as a table (the listing the reports show)."""
+    import pandas as pd
+
+    return pd.DataFrame([r.row() for r in runs])
+
+
+def run_tables(runs: list[Run], file: str) -> pd.DataFrame:
+    """The table `file` (e.g. eval_test.parquet) of every run, one frame, tagged with arm, seed and run."""
+    import pandas as pd
+
+    return pd.concat([pd.read_parquet(r.folder / file).assign(arm=r.arm, seed=r.seed, run=r.name) for r in runs],
+                     ignore_index=True)
+
+
+def example_rows(runs: list[Run], label: str, kinds: tuple[str, ...] = ("speech", "music")) -> list[dict]:
+    """For listening: per kind, the first example of the first run (examples/<stem>_reference.flac) and each
+    run's `<stem>_<label>.flac` of the same seed (None where missing), keyed by arm."""
+    rows = []
+    for kind in kinds:
+        refs = sorted((runs[0].folder / "examples").glob(f"{kind}_*_reference.flac")) if runs else []
+        if not refs:
+            continue
+        stem = refs[0].name[: -len("_reference.flac")]
+        row = {"example": stem, "reference": refs[0]}
+        for r in runs:
+            if r.seed == runs[0].seed:
+                path = r.folder / "examples" / f"{stem}_{label}.flac"
+                row[r.arm] = path if path.is_file() else None
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- CLI

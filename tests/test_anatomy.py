@@ -101,3 +101,39 @@ def test_missing_encodec_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "encodec.quantization", None)
     with pytest.raises(ImportError, match=r"pip install encodec==0\.1\.1"):
         anatomy.expiry_writes_vanish(steps=1, **SMALL)
+
+
+def test_kmeans_shrink_refuses_beyond_four_budgets_and_says_that_limit():
+    assert anatomy.KMEANS_SHRINK_LIMIT == 4 * anatomy.KMEANS_BUDGET
+    n = int(anatomy.KMEANS_SHRINK_LIMIT // (256 * 128)) + 1  # one frame over the limit
+    with pytest.raises(ValueError, match=r"allowed at most 3\.2e\+08 \(4 x KMEANS_BUDGET"):
+        anatomy.kmeans_shrink(n=n, codebook_size=256, dim=128)
+
+
+def test_the_claims_read_off_the_experiment_tables():
+    import pandas as pd
+
+    parity = pd.DataFrame({"comparison": ["upstream vs none"] * 2 + ["upstream vs encodec"] * 2,
+                           "max_abs_diff": [0.0, 0.0, 0.0, 0.0], "equal": [True, True, True, False]})
+    assert anatomy.parity_claims(parity) == {"buggy_equals_none": True, "buggy_vs_none_max_abs_diff": 0.0,
+                                             "encodec_parity": False}
+    dead = pd.DataFrame({"frames": [600, 600, 600, 600, 4800], "rule": ["absolute", "absolute", "relative", "relative",
+                                                                        "absolute"],
+                         "dead": [730, 724, 20, 10, 0], "floor": [724, 724, 0, 0, 0]})
+    assert anatomy.dead_claims(dead, 600, 4800) == {"min_dead_codes_at_threshold_2": 724, "dead_floor": 724,
+                                                    "min_dead_codes_relative_0.1": 10, "dead_floor_at_large_frames": 0}
+    ddp = pd.DataFrame({"mode": ["fixed", "fixed", "none"], "buffer": ["embed", "embed_avg", "embed"],
+                        "max_abs_diff": [0.0, 0.0, 2.5], "replaced_rank0": [3, 100, 0]})
+    assert anatomy.ddp_claims(ddp) == {"ddp_max_rank_diff": {"fixed": 0.0, "none": 2.5}, "ddp_fixed_replaced": 3}
+
+
+def test_plot_dead_codes_has_a_panel_per_batch_size_with_its_floor():
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    dead = pd.DataFrame([{"frames": n, "rule": rule, "step": step, "dead": 10, "floor": 7 if n == 16 else 0,
+                          "implementation": "encodec" if n == 16 else "ours"}
+                         for n in (16, 64) for rule in ("absolute", "relative") for step in (0, 1)])
+    fig = anatomy.plot_dead_codes(dead, 32, {"absolute": "red", "relative": "green"})
+    assert len(fig.axes) == 2 and fig.axes[0].get_title().startswith("n = 16 frames per step, floor 7")

@@ -308,3 +308,59 @@ def test_train_run_goes_through_torchrun_when_ddp_is_asked(synthetic_manifest, t
     ranks = [torch.load(run_dir / f"rank{r}_codebooks.pt") for r in (0, 1)]
     for key, value in ranks[0].items():
         assert torch.equal(value, ranks[1][key]), key
+
+
+# ------------------------------------------------------------------------------------- runs on disk
+
+
+def _run_folder(root: Path, name: str, manifest: dict | None = None, cell: dict | None = None,
+                evaluated: bool = False) -> Path:
+    folder = root / "runs" / name
+    folder.mkdir(parents=True)
+    if manifest is not None:
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    if cell is not None:
+        (folder / "cell.json").write_text(json.dumps(cell))
+    if evaluated:
+        for file in ("eval_test.parquet", "eval_test_levels.parquet"):
+            pd.DataFrame({"x": [1]}).to_parquet(folder / file)
+    return folder
+
+
+def test_list_runs_reads_arm_seed_hash_status_and_paths(tmp_path):
+    done = _run_folder(tmp_path, "adam_1e-3-0123456789-s2", {"status": "complete", "seed": 2, "config": {"steps": 5}},
+                       {"arm": "adam_1e-3", "seed": 2}, evaluated=True)
+    _run_folder(tmp_path, "none-abcdefabcd-s0", cell={"arm": "none", "seed": 0, "status": "skipped"})
+    _run_folder(tmp_path, "upstream-abcdefabcd-s1", {"status": "failed", "seed": 1})  # no cell.json: the name says
+    (tmp_path / "runs" / "stray").mkdir()  # neither manifest nor cell record: not a run
+    runs = study.list_runs(tmp_path)
+    assert [(r.name, r.arm, r.seed, r.config_hash, r.status) for r in runs] == [
+        ("adam_1e-3-0123456789-s2", "adam_1e-3", 2, "0123456789", "complete"),
+        ("none-abcdefabcd-s0", "none", 0, "abcdefabcd", "not started"),
+        ("upstream-abcdefabcd-s1", "upstream", 1, "abcdefabcd", "failed")]
+    assert runs[0].checkpoint == done / "checkpoint.pt" and runs[0].eval_items == done / "eval_test.parquet"
+    assert [r.name for r in study.list_runs(tmp_path, evaluated=True)] == ["adam_1e-3-0123456789-s2"]
+    table = study.runs_table(runs)
+    assert list(table.run) == [r.name for r in runs] and table.steps.iloc[0] == 5
+    assert study.list_runs(tmp_path / "nothing") == []
+
+
+def test_run_tables_and_example_rows_come_from_the_listed_runs(tmp_path):
+    a = _run_folder(tmp_path, "none-0123456789-s0", {"status": "complete", "seed": 0}, {"arm": "none"}, evaluated=True)
+    b = _run_folder(tmp_path, "upstream-0123456789-s0", {"status": "complete", "seed": 0}, {"arm": "upstream"},
+                    evaluated=True)
+    for folder, files in ((a, ["speech_01_reference.flac", "speech_01_6kbps.flac", "music_02_reference.flac"]),
+                          (b, ["speech_01_6kbps.flac"])):
+        (folder / "examples").mkdir()
+        for name in files:
+            (folder / "examples" / name).write_bytes(b"")
+    runs = study.list_runs(tmp_path, evaluated=True)
+    table = study.run_tables(runs, "eval_test.parquet")
+    assert list(table.arm) == ["none", "upstream"] and list(table.run) == [a.name, b.name]
+    assert list(table.seed) == [0, 0]
+    rows = study.example_rows(runs, "6kbps")
+    assert rows[0] == {"example": "speech_01", "reference": a / "examples" / "speech_01_reference.flac",
+                       "none": a / "examples" / "speech_01_6kbps.flac",
+                       "upstream": b / "examples" / "speech_01_6kbps.flac"}
+    assert rows[1]["example"] == "music_02" and rows[1]["none"] is None and rows[1]["upstream"] is None
+    assert study.example_rows([], "6kbps") == []

@@ -1,0 +1,92 @@
+"""Every key of every params/study.yaml block is checked before anything runs: the runner's own blocks
+(codec, quantizer, recipe) against their keys and config dataclasses, the notebook blocks (anatomy, audit,
+compare) against the parameters cell of their notebook. A bad key is one line naming the block, the key and
+the allowed keys, exit code 2."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from conftest import ROOT
+
+from studylib import study
+
+
+def _params_with(tmp_path: Path, scale: str, edit) -> Path:
+    """A copy of params/ whose study.yaml has `edit(scale's settings)` applied."""
+    params = tmp_path / "params"
+    shutil.copytree(ROOT / "params", params)
+    data = yaml.safe_load((params / "study.yaml").read_text())
+    edit(data["scales"][scale])
+    (params / "study.yaml").write_text(yaml.safe_dump(data))
+    return params
+
+
+def _set(block: str, key: str, value):
+    def edit(settings: dict) -> None:
+        settings.setdefault(block, {})[key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("anatomy", "stepz", 8), "scales.smoke.anatomy.stepz: unknown key; allowed keys: steps, frames, "),
+    (_set("anatomy", "out_dir", "x"), "scales.smoke.anatomy.out_dir: unknown key"),  # the runner sets it
+    (_set("compare", "focus_kbs", 1.5), "scales.smoke.compare.focus_kbs: unknown key; allowed keys: evaluate, "
+                                        "opus_bitrates, focus_kbps"),
+    (_set("audit", "arm", ["none"]), "scales.smoke.audit.arm: unknown key; allowed keys: arms, official, threshold, "
+                                     "bandwidth"),
+    (_set("audit", "runs", ["runs/x"]), "scales.smoke.audit.runs: unknown key"),  # derived from arms
+    (_set("recipe", "stepz", 3), "scales.smoke.recipe.stepz: unknown key; allowed keys: arm, steps, valid_every"),
+    (_set("codec", "seed", 3), "scales.smoke.codec.seed: unknown key; allowed keys: arms, seeds"),
+    (_set("codec", "set", {"stepz": 3}), "scales.smoke.codec (none, seed 0): stepz: unknown key; allowed keys:"),
+    (_set("quantizer", "latent_from", "none"), "scales.smoke.quantizer.latent_from: unknown key; allowed keys: "
+                                               "latents_from, base, grid"),
+    (_set("quantizer", "base", {"n_qq": 2}), "scales.smoke.quantizer: n_qq: unknown key; allowed keys:"),
+    (_set("anatomy_", "steps", 8), "scales.smoke.anatomy_: unknown key; allowed keys: corpus"),
+])
+def test_a_bad_key_in_any_block_is_a_one_line_error_before_anything_runs(tmp_path, capsys, edit, message):
+    params = _params_with(tmp_path, "smoke", edit)
+    with pytest.raises(study.StudyError, match=re.escape(message)):
+        study.plan_study("smoke", tmp_path / "results", params, data=tmp_path / "data")
+    results = tmp_path / "results"
+    code = study.cli(["--scale", "smoke", "--results", str(results), "--params", str(params),
+                      "--data", str(tmp_path / "data")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("studylib study: ") and message in err, err
+    assert len(err.splitlines()) == 1
+    assert not results.exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("scale", ["smoke", "cpu", "gpu"])
+def test_the_committed_blocks_are_valid(scale):
+    settings = study.load_study(ROOT / "params" / "study.yaml", scale)
+    study.check_notebook_blocks(scale, settings)
+
+
+@pytest.mark.parametrize("name", study.NOTEBOOKS)
+def test_papermill_sees_every_assignment_of_each_parameters_cell(name):
+    """papermill's line parser skips lines it cannot read (e.g. a comment holding ' = '): such a parameter could
+    neither be checked nor injected."""
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
+    assert study.notebook_parameters(ROOT / "notebooks" / f"{name}.ipynb") == tuple(assigned)
+
+
+def test_a_cell_parameter_its_notebook_lacks_is_refused(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('out_dir = "."\nsteps = 3')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    study._check_cells_against_notebooks([study.Cell("a", "nb", {"out_dir": "x", "steps": 1, "progress": False})],
+                                         tmp_path)  # the runner's common keys may be left out
+    with pytest.raises(study.StudyError, match="b: nb has no parameter 'stepz'; its parameters: out_dir, steps"):
+        study._check_cells_against_notebooks([study.Cell("b", "nb", {"stepz": 1})], tmp_path)
