@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from studylib import reports
+from studylib import reports, storage
 from studylib.storage import read_json
 from studylib.study import Run, list_runs
 
@@ -144,7 +144,7 @@ def update_readme(readme: Path, block: str) -> bool:
         return False
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
-    reports.atomic_write(readme, lambda p: p.write_text(f"{before}{START}\n{block}\n{END}{after}"))
+    storage.atomic_write(readme, lambda p: p.write_text(f"{before}{START}\n{block}\n{END}{after}"))
     return True
 
 
@@ -166,7 +166,7 @@ def write_findings(results: str | Path, scale: str = "cpu", focus_kbps: float = 
     """results/summary.csv from every scale on disk; the headline block of the READMEs from `scale`."""
     results = Path(results)
     summary = summary_table(results)
-    path = reports.atomic_write(results / "summary.csv", lambda p: summary.to_csv(p, index=False))
+    path = storage.atomic_write(results / "summary.csv", lambda p: summary.to_csv(p, index=False))
     if (summary.scale == scale).any():
         block = headline_markdown(summary, scale, focus_kbps)
         for readme in readmes(results):

@@ -32,7 +32,7 @@ import yaml
 
 from studylib import config as cfglib
 from studylib import locks
-from studylib.reports import atomic_write, read_json, write_json
+from studylib.storage import atomic_write, read_json, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
