@@ -97,18 +97,20 @@ def hold_lock(folder: str | Path, what: str) -> Iterator[Path]:
               "proc_start": _proc_start(os.getpid()), "command": what}
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        while not _create(path, record):
+        while True:
+            # Read before writing anything: a refused second holder leaves the folder untouched.
             owner = _read(path)
-            if owner is None:  # released between our attempt and the read: try again
-                continue
-            if _alive(owner):
-                raise LockedError(
-                    f"{folder} is in use by PID {owner.get('pid')} on {owner.get('host')} ({owner.get('command')}, "
-                    f"since {str(owner.get('started'))[:19]}); wait for it to finish, or delete {path} if that "
-                    "process is gone")
-            print(f"{what}: taking over the stale lock {path} of PID {owner.get('pid')} (no longer running)",
-                  file=sys.stderr)
-            path.unlink(missing_ok=True)
+            if owner is not None:
+                if _alive(owner):
+                    raise LockedError(
+                        f"{folder} is in use by PID {owner.get('pid')} on {owner.get('host')} "
+                        f"({owner.get('command')}, since {str(owner.get('started'))[:19]}); wait for it to finish, "
+                        f"or delete {path} if that process is gone")
+                print(f"{what}: taking over the stale lock {path} of PID {owner.get('pid')} (no longer running)",
+                      file=sys.stderr)
+                path.unlink(missing_ok=True)
+            if _create(path, record):
+                break
     except OSError as e:
         raise UserError(f"{folder}: cannot write there ({e.strerror or e}); choose a writable folder") from None
     try:
