@@ -1,96 +1,99 @@
 """Benchmark of the cpu recipe's whole training step (`studylib.train.train_step`: forward, mel + L1 + -SI-SDR
-through the balancer, commitment, backward, Adam), as it is now against the same step with the two pieces this
-study sped up put back as they were (torchaudio's `MelSpectrogram` for the mel loss, `F.pad(mode="reflect")` in
-every conv): the ratio says what the speed-up buys. Same weights, same batches, interleaved rounds, median.
+through the balancer, commitment, backward, Adam) in every execution setting, as a ratio to the step as it was
+before the speed work of 2026-12-03 (`today`: fp32, eager, the mel loss through torch.stft and autograd).
 
-Then throughput on the machine's cores: one process with all threads against one single-thread process per
-core at once (what `studylib study --jobs N` does), in steps per second summed over processes.
+Each setting runs in its own process beside a `today` process, both with one thread, at the same time: how
+`make study` runs codecs (two one-thread runs at a time on 2 cores), and fair to both, since they share the
+machine's cores, caches and memory bandwidth. Each process warms up (k-means of every level, compilation),
+waits for the other, then times `--steps` steps (bandwidths cycled; median) and keeps stepping untimed until
+the other is done too, so neither runs alone while the other is timed.
 
-    python benchmarks/bench_train_step.py [--repeats 15] [--out results/bench_train_step.csv]
+    python benchmarks/bench_train_step.py [--steps 30] [--settings fp32 compile bf16 bf16+compile]
+                                          [--throughput] [--out results/bench_train_step.csv]
+
+bf16 settings need a CPU with native bfloat16 (avx512_bf16 / amx_bf16) and are skipped with a message
+elsewhere. `--throughput` adds one process with all threads against one one-thread process per core.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import warnings
+import types
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torchaudio
 
-from studylib import codec as codec_module
 from studylib import config as cfglib
-from studylib.train import TrainConfig, build_parts, train_step
+from studylib.train import TrainConfig, build_parts, missing_cpu_bf16, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)
+SETTINGS = {  # name: (bf16, compile, mel loss as before)
+    "today": (False, False, True),
+    "fp32": (False, False, False),
+    "compile": (False, True, False),
+    "bf16": (True, False, False),
+    "bf16+compile": (True, True, False),
+}
 
 
-class TorchaudioMelLoss(torch.nn.Module):
-    """The mel loss as it was: torchaudio's MelSpectrogram per scale, both signals with autograd, all bands."""
-
-    def __init__(self, sample_rate: int = 24_000, scales: tuple[int, ...] = tuple(range(5, 12)), n_mels: int = 64):
-        super().__init__()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.mels = torch.nn.ModuleList(torchaudio.transforms.MelSpectrogram(
-                sample_rate=sample_rate, n_fft=2**i, win_length=2**i, hop_length=2**i // 4, n_mels=n_mels,
-                power=1.0, normalized=False, center=True, pad_mode="reflect") for i in scales)
-
-    def forward(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        total = estimate.new_zeros(())
-        for mel in self.mels:
-            s_est, s_ref = mel(estimate.float()), mel(reference.float())
-            log_diff = torch.log10(s_est.clamp_min(1e-5)) - torch.log10(s_ref.clamp_min(1e-5))
-            total = total + (s_est - s_ref).abs().mean() + log_diff.abs().mean()
-        return total / len(self.mels)
-
-
-@contextlib.contextmanager
-def before_speedup():
-    """F.pad's reflect padding in the codec, for the duration of the block."""
-    saved = codec_module._reflect
-    codec_module._reflect = lambda x, left, right: F.pad(x, (left, right), mode="reflect")
-    try:
-        yield
-    finally:
-        codec_module._reflect = saved
-
-
-def recipe_config() -> TrainConfig:
+def recipe_config(setting: str = "fp32") -> TrainConfig:
+    bf16, compile_, _ = SETTINGS[setting]
     return cfglib.build(TrainConfig, [cfglib.read_overlay(ROOT / "params/scales/cpu.yaml"),
-                                      cfglib.read_overlay(ROOT / "params/arms/none.yaml")])
+                                      cfglib.read_overlay(ROOT / "params/arms/none.yaml"),
+                                      {"bf16": bf16, "compile": compile_}])
 
 
-def step_times(repeats: int) -> dict[str, list[float]]:
-    """Seconds per step, now and before, interleaved, every bandwidth in turn, after every level's k-means."""
-    cfg = recipe_config()
+def worker(setting: str, steps: int, go: Path, stop: Path) -> dict:
+    """Warm up, wait for `go`, time `steps` steps, keep stepping until `stop`; the median and all times."""
+    cfg = recipe_config(setting)
+    parts = build_parts(cfg, torch.device("cpu"))
+    if SETTINGS[setting][2]:  # the mel loss as it was: torch.stft through autograd
+        parts.mel_loss.forward = types.MethodType(lambda self, e, r: self.autograd_loss(e, r), parts.mel_loss)
     g = torch.Generator().manual_seed(0)
     batches = [0.1 * torch.randn(cfg.batch_size, 1, int(cfg.segment_seconds * 24_000), generator=g)
-               for _ in range(repeats)]
-    parts = {"now": build_parts(cfg, torch.device("cpu")), "before": build_parts(cfg, torch.device("cpu"))}
-    parts["before"].mel_loss = TorchaudioMelLoss()
-    for name, p in parts.items():  # warm-up: k-means of every level (the 24 kbps step uses all 32)
-        with before_speedup() if name == "before" else contextlib.nullcontext():
-            train_step(p, cfg, batches[0], 24.0, 0)
-    times: dict[str, list[float]] = {"now": [], "before": []}
-    for i, wav in enumerate(batches):
-        for name in (("now", "before") if i % 2 == 0 else ("before", "now")):
-            with before_speedup() if name == "before" else contextlib.nullcontext():
-                t0 = time.perf_counter()
-                train_step(parts[name], cfg, wav, BANDWIDTHS[i % len(BANDWIDTHS)], i + 1)
-                times[name].append(time.perf_counter() - t0)
-    return times
+               for _ in range(5)]
+    for i in range(3):  # k-means of every level (the 24 kbps step uses all 32), compilation
+        train_step(parts, cfg, batches[i], BANDWIDTHS[-1 - i], i)
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.05)
+    times, i = [], 3
+    while len(times) < steps or not stop.exists():
+        t0 = time.perf_counter()
+        train_step(parts, cfg, batches[i % len(batches)], BANDWIDTHS[i % len(BANDWIDTHS)], i)
+        if len(times) < steps:
+            times.append(time.perf_counter() - t0)
+            if len(times) == steps:
+                print("done", flush=True)
+        i += 1
+    return {"setting": setting, "median": statistics.median(times), "times": times}
+
+
+def side_by_side(settings: tuple[str, str], steps: int) -> list[dict]:
+    """Run two settings at once, one thread each (see the module docstring); their results."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        go, stop = Path(tmp) / "go", Path(tmp) / "stop"
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", name, "--steps", str(steps), "--flags", tmp],
+                                  stdout=subprocess.PIPE, text=True, env=env) for name in settings]
+        for proc in procs:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a worker failed before its timed steps: {proc.communicate()}")
+        go.touch()
+        for proc in procs:
+            proc.stdout.readline()  # "done"
+        stop.touch()
+        return [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in procs]
 
 
 def throughput_worker(steps: int) -> float:
@@ -108,47 +111,61 @@ def throughput_worker(steps: int) -> float:
 def throughput(steps: int, processes: int, threads: int) -> float:
     """Summed steps per second of `processes` concurrent workers with `threads` torch threads each."""
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--worker", str(steps)]
+    cmd = [sys.executable, __file__, "--throughput-worker", str(steps)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(processes)]
     return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["steps_per_s"] for p in procs)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=15, help="timed steps per implementation")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per process (median)")
+    p.add_argument("--settings", nargs="+", default=["fp32", "compile", "bf16", "bf16+compile"],
+                   choices=[s for s in SETTINGS if s != "today"], help="settings to time against `today`")
+    p.add_argument("--throughput", action="store_true", help="also: 1 process x all threads vs 1 per core")
     p.add_argument("--throughput-steps", type=int, default=20, help="steps per process in the throughput test")
     p.add_argument("--out", type=Path, default=None, help="CSV to write the figures to")
-    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--flags", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--throughput-worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)  # denormals made CPU steps vary 0.6-14 s on this machine
     if args.worker is not None:
-        print(json.dumps({"steps_per_s": throughput_worker(args.worker)}))
+        print(json.dumps(worker(args.worker, args.steps, args.flags / "go", args.flags / "stop")))
+        return 0
+    if args.throughput_worker is not None:
+        print(json.dumps({"steps_per_s": throughput_worker(args.throughput_worker)}))
         return 0
     cores = os.cpu_count() or 1
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.processor() or platform.machine()}, {cores} cores"
     print(f"# bench_train_step  {when}  {machine}  torch {torch.__version__}")
-    times = step_times(args.repeats)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"\ncpu recipe training step (small codec, 8 x 1 s, bandwidths cycled), {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
-    for name, t in med.items():
-        print(f"  {name:<7} {t:.3f} s/step")
-    ratio = med["now"] / med["before"]
-    print(f"  now / before = {ratio:.3f}")
-    single = throughput(args.throughput_steps, 1, cores)
-    spread = throughput(args.throughput_steps, cores, 1)
-    print(f"\nthroughput, {args.throughput_steps} steps per process: 1 process x {cores} threads {single:.2f} steps/s; "
-          f"{cores} processes x 1 thread {spread:.2f} steps/s (ratio {spread / single:.2f})")
-    if args.out:
+    print(f"cpu recipe training step (small codec, 8 x 1 s, bandwidths cycled), 1 thread per process, each setting "
+          f"beside `today` at the same time, median of {args.steps} steps after warm-up")
+    rows = []
+    missing = missing_cpu_bf16()
+    for setting in args.settings:
+        if SETTINGS[setting][0] and missing:
+            print(f"  {setting:<13} skipped: this CPU has no native bfloat16 ({missing})")
+            continue
+        ours, peer = side_by_side((setting, "today"), args.steps)
+        ratio = ours["median"] / peer["median"]
+        print(f"  {setting:<13} {ours['median']:.3f} s/step   today beside it {peer['median']:.3f} s/step   "
+              f"ratio {ratio:.3f}")
+        rows += [{"what": f"step_{setting}", "value": ours["median"], "unit": "s/step"},
+                 {"what": f"step_today_beside_{setting}", "value": peer["median"], "unit": "s/step"},
+                 {"what": f"{setting}_over_today", "value": ratio, "unit": "ratio"}]
+    if args.throughput:
+        single = throughput(args.throughput_steps, 1, cores)
+        spread = throughput(args.throughput_steps, cores, 1)
+        print(f"\nthroughput, {args.throughput_steps} steps per process: 1 process x {cores} threads {single:.2f} "
+              f"steps/s; {cores} processes x 1 thread {spread:.2f} steps/s (ratio {spread / single:.2f})")
+        rows += [{"what": f"throughput_1x{cores}_threads", "value": single, "unit": "steps/s"},
+                 {"what": f"throughput_{cores}x1_thread", "value": spread, "unit": "steps/s"}]
+    if args.out and rows:
         import pandas as pd
 
-        rows = [{"what": f"step_{name}", "value": t, "unit": "s/step"} for name, t in med.items()]
-        rows += [{"what": "step_now_over_before", "value": ratio, "unit": "ratio"},
-                 {"what": f"throughput_1x{cores}_threads", "value": single, "unit": "steps/s"},
-                 {"what": f"throughput_{cores}x1_thread", "value": spread, "unit": "steps/s"}]
         df = pd.DataFrame(rows)
-        df["repeats"], df["date"], df["machine"] = args.repeats, when, machine
+        df["steps"], df["date"], df["machine"] = args.steps, when, machine
         args.out.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out, index=False)
         print(f"wrote {args.out}")

@@ -8,7 +8,10 @@ purpose:
   ``SConv1d.conv.conv`` double wrapper; `encodec_state_dict_to_codec` drops that nesting from the keys.
 * `Codec.forward` is a *training* forward (straight-through quantizer, commitment penalty, EMA codebook
   updates), where ``EncodecModel.forward`` only encodes and decodes. In eval mode the two are the same.
-* Under autocast the quantizer still runs in float32 (`full_precision`); the SEANet follows autocast.
+* Under autocast the quantizer still runs in float32 (`full_precision`); the SEANet follows autocast and
+  its output is handed on as float32, so losses and loss balancing see float32 audio.
+* `Codec.compile_networks()` compiles the encoder and decoder (torch.compile) for training steps only;
+  the module tree, and so the state dict, stays the plain one.
 
 Shapes: B batch, C audio channels, T samples, D latent dimension, F frames (= ceil(T / hop_length)).
 """
@@ -16,7 +19,7 @@ Shapes: B batch, C audio channels, T samples, D latent dimension, F frames (= ce
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -447,6 +450,19 @@ class Codec(nn.Module):
         if config.init == "unit_gain":
             unit_gain_init_(self.encoder)
             unit_gain_init_(self.decoder)
+        # compiled encoder / decoder forwards (`compile_networks`), kept in a plain dict so they are not submodules:
+        # the state dict keeps the keys of the uncompiled codec
+        self._compiled: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def compile_networks(self, **options) -> Codec:
+        """torch.compile the encoder and decoder (`options` go to torch.compile), used by training-mode forwards
+        only: evaluation and encode / decode stay eager, so validation does not recompile for eval mode or odd
+        batch sizes. The quantizer stays eager: it has data-dependent control flow (k-means, expiry)."""
+        self._compiled = {name: torch.compile(getattr(self, name), **options) for name in ("encoder", "decoder")}
+        return self
+
+    def _network(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self._compiled[name] if self.training and name in self._compiled else getattr(self, name)
 
     @classmethod
     def from_encodec(cls, state_dict: Mapping[str, torch.Tensor], config: CodecConfig | None = None) -> Codec:
@@ -469,14 +485,14 @@ class Codec(nn.Module):
         wav [B, C, T]; bandwidth None = all n_q levels; quantize=False: the decoder gets the latent itself
         (an autoencoder step: no codes, no penalty, codebooks untouched)."""
         self._check(wav, bandwidth)
-        latent = self.encoder(wav).float()  # [B, D, F]
+        latent = self._network("encoder")(wav).float()  # [B, D, F]
         if not quantize:
-            audio = self.decoder(latent)[..., : wav.shape[-1]]
+            audio = self._network("decoder")(latent)[..., : wav.shape[-1]].float()
             no_codes = torch.zeros(0, *latent.shape[::2], dtype=torch.long, device=wav.device)  # [0, B, F]
             return CodecOutput(audio, no_codes, latent.new_zeros(()), latent.new_zeros(()), {})
         with full_precision(wav.device.type):
             q = self.quantizer(latent, self.config.frame_rate, bandwidth)
-        audio = self.decoder(q.quantized)[..., : wav.shape[-1]]  # [B, C, F * hop] -> [B, C, T]
+        audio = self._network("decoder")(q.quantized)[..., : wav.shape[-1]].float()  # [B, C, F * hop] -> [B, C, T]
         return CodecOutput(audio, q.codes, q.bandwidth, q.penalty, q.metrics)
 
     def encode(self, wav: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:

@@ -31,6 +31,7 @@ from studylib.data import AudioDataset
 from studylib.storage import atomic_write, load_checkpoint, read_json, write_json, write_parquet
 
 EXAMPLE_BANDWIDTHS = (1.5, 6.0, 24.0)
+MILESTONE_BANDWIDTHS = (1.5, 6.0, 24.0)  # kbps at which milestone checkpoints are scored
 
 
 @dataclass
@@ -86,10 +87,11 @@ def _examples_to_save(info: pd.DataFrame, per_kind: int) -> set[int]:
 def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[float, ...] | None = None,
              manifest: str | Path | None = None, seconds: float = 5.0, visqol_items: int = 16,
              examples_per_kind: int = 2, batch_size: int = 8, out_dir: str | Path | None = None,
-             per_kind: int | None = None, progress: bool = True) -> Evaluation:
-    """Evaluate a run folder (or a codec) on the fixed windows of `split` (`per_kind` of each kind, or
-    all); ViSQOL on the first `visqol_items` windows of each kind (it costs ~1 s per window); results
-    written to `out_dir` (default: the run folder) when there is one."""
+             per_kind: int | None = None, progress: bool = True, suffix: str = "") -> Evaluation:
+    """Evaluate a run folder, a checkpoint file (e.g. a milestone's checkpoint_step500.pt) or a codec on the fixed
+    windows of `split` (`per_kind` of each kind, or all); ViSQOL on the first `visqol_items` windows of each kind
+    (it costs ~1 s per window); results written to `out_dir` (default: the run folder) when there is one, as
+    eval_<split><suffix>.parquet, eval_<split><suffix>_levels.parquet and eval_<split><suffix>_frequency.parquet."""
     if isinstance(run, Codec):
         codec, run_dir = run.eval(), (Path(out_dir) if out_dir else None)
         if manifest is None:
@@ -124,7 +126,7 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
                     row |= visqol_scores(audio[pos, 0], wav[pos, 0], kinds[i], rate)
                 rows.append({"item": i, "system": "codec", "bandwidth": bw, "n_q": codes.shape[0],
                              "nominal_kbps": metrics.nominal_kbps(codes.shape[0], bins, frame_rate), **row})
-    examples = _write_examples(codec, dataset, info, example_ids, bandwidths, run_dir) if run_dir else []
+    examples = _write_examples(codec, dataset, info, example_ids, bandwidths, run_dir) if run_dir and example_ids else []
     for bw, chunks in codes_by_bw.items():
         codes = torch.cat(chunks, dim=1)  # [n_q, all frames]
         dead = torch.stack([cb.dead_mask() for cb in codec.quantizer.codebooks[: codes.shape[0]]])
@@ -140,10 +142,40 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
     result = Evaluation(info.merge(pd.DataFrame(rows), on="item"), pd.concat(level_rows, ignore_index=True),
                         frequency, examples)
     if run_dir is not None:
-        write_parquet(result.items, run_dir / f"eval_{split}.parquet")
-        write_parquet(result.levels, run_dir / f"eval_{split}_levels.parquet")
-        write_parquet(result.frequency, run_dir / f"eval_{split}_frequency.parquet")
+        write_parquet(result.items, run_dir / f"eval_{split}{suffix}.parquet")
+        write_parquet(result.levels, run_dir / f"eval_{split}{suffix}_levels.parquet")
+        write_parquet(result.frequency, run_dir / f"eval_{split}{suffix}_frequency.parquet")
     return result
+
+
+def evaluate_milestones(run_dir: str | Path, manifest: str | Path | None = None, per_kind: int | None = None,
+                        progress: bool = True) -> list[int]:
+    """Evaluate each milestone checkpoint of a run (checkpoint_step<N>.pt, `TrainConfig.milestones`) that has no
+    evaluation newer than itself, at MILESTONE_BANDWIDTHS (those the model has), without ViSQOL or examples, into
+    eval_test_step<N>*.parquet; returns the milestone steps on disk. The final checkpoint is the run's own
+    evaluation (eval_test.parquet)."""
+    run_dir = Path(run_dir)
+    steps = []
+    for step, path in sorted(milestone_checkpoints(run_dir).items()):
+        steps.append(step)
+        done = run_dir / f"eval_test_step{step}_levels.parquet"
+        if done.is_file() and done.stat().st_mtime >= path.stat().st_mtime:
+            continue
+        codec, cfg, _ = load_checkpoint(path)
+        bandwidths = tuple(b for b in MILESTONE_BANDWIDTHS if b in codec.config.target_bandwidths)
+        evaluate(codec, "test", bandwidths or None, manifest or cfg.manifest, visqol_items=0, examples_per_kind=0,
+                 out_dir=run_dir, per_kind=per_kind, progress=progress, suffix=f"_step{step}")
+    return steps
+
+
+def milestone_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """step -> checkpoint_step<step>.pt of a run folder."""
+    found = {}
+    for path in Path(run_dir).glob("checkpoint_step*.pt"):
+        step = path.stem.removeprefix("checkpoint_step")
+        if step.isdigit():
+            found[int(step)] = path
+    return found
 
 
 def _write_examples(codec: Codec, dataset: AudioDataset, info: pd.DataFrame, ids: set[int],

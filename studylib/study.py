@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_bug_anatomy", "02_quantizer_study", "03_train_codec", "04_compare", "05_codebook_audit",
              "06_cpu_recipe")
-SCALE_KEYS = ("corpus", "cell_timeout_s", "notebooks", "codec", "quantizer", "anatomy", "audit", "compare", "recipe")
+SCALE_KEYS = ("corpus", "train_params", "cell_timeout_s", "notebooks", "codec", "quantizer", "anatomy", "audit",
+              "compare", "recipe")
 CODEC_KEYS = ("arms", "seeds", "arm_seeds", "nproc_per_node", "evaluate", "set")
 QUANTIZER_KEYS = ("latents_from", "base", "grid")
 RECIPE_KEYS = ("arm", "steps", "valid_every", "seed", "variants")
@@ -178,13 +179,16 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
                data: str | Path = "data") -> StudyPlan:
     """Expand the grid of `scale` into cells and validate every one of them (StudyError otherwise)."""
     from studylib.latents import expand_grid
+    from studylib.train import NOT_HASHED
 
     params = Path(params)
     settings = load_study(params / "study.yaml", scale)
     check_notebook_blocks(scale, settings)
-    scale_file = params / "scales" / f"{scale}.yaml"
+    # the TrainConfig overlay of the codec runs: params/scales/<train_params>.yaml, by default the scale's own
+    scale_file = params / "scales" / f"{settings.get('train_params', scale)}.yaml"
     if not scale_file.is_file():
-        raise StudyError(f"--scale: {scale_file} does not exist")
+        where = f"scales.{scale}.train_params" if "train_params" in settings else "--scale"
+        raise StudyError(f"{where}: {scale_file} does not exist")
     corpus = settings.get("corpus")
     given = manifest is not None
     manifest = Path(manifest) if given else Path(data) / str(corpus) / "manifest.csv"
@@ -215,24 +219,27 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
         cells.append(Cell("01_bug_anatomy", "01_bug_anatomy", dict(settings.get("anatomy") or {})))
     if "03_train_codec" in notebooks:
         for arm in arms:
-            arm_file = params / "arms" / f"{arm}.yaml"
-            if not arm_file.is_file():
+            if not (params / "arms" / f"{arm}.yaml").is_file():
                 known = sorted(p.stem for p in (params / "arms").glob("*.yaml"))
                 raise StudyError(f"scales.{scale}.codec.arms: {arm!r} unknown; allowed {known}")
-            for seed in arm_seeds.get(arm, seeds):
-                sets = {**(codec.get("set") or {}), "seed": seed, "manifest": str(manifest.resolve()),
-                        "progress": False}
-                try:
-                    cfg = _codec_config(scale_file, arm_file, sets)
-                except cfglib.ConfigError as e:
-                    raise StudyError(f"scales.{scale}.codec ({arm}, seed {seed}): {e}") from None
-                chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress", "manifest", "seed"))
-                cell = Cell(f"runs/{arm}-{chash}-s{seed}", "03_train_codec", {
-                    "params": [str(scale_file.resolve()), str(arm_file.resolve())],
-                    "overrides": sets, "nproc_per_node": nproc, "evaluate": dict(codec.get("evaluate") or {}),
-                }, arm=arm, seed=seed, gpus=nproc)
-                codec_runs[(arm, seed)] = cell
-                cells.append(cell)
+        # seed by seed (every arm's seed 0 first): a study stopped part-way leaves arms paired by seed
+        pairs = sorted(((arm, seed) for arm in arms for seed in arm_seeds.get(arm, seeds)),
+                       key=lambda pair: (pair[1], arms.index(pair[0])))
+        for arm, seed in pairs:
+            arm_file = params / "arms" / f"{arm}.yaml"
+            sets = {**(codec.get("set") or {}), "seed": seed, "manifest": str(manifest.resolve()),
+                    "progress": False}
+            try:
+                cfg = _codec_config(scale_file, arm_file, sets)
+            except cfglib.ConfigError as e:
+                raise StudyError(f"scales.{scale}.codec ({arm}, seed {seed}): {e}") from None
+            chash = cfglib.config_hash(cfg, exclude=(*NOT_HASHED, "manifest", "seed"))
+            cell = Cell(f"runs/{arm}-{chash}-s{seed}", "03_train_codec", {
+                "params": [str(scale_file.resolve()), str(arm_file.resolve())],
+                "overrides": sets, "nproc_per_node": nproc, "evaluate": dict(codec.get("evaluate") or {}),
+            }, arm=arm, seed=seed, gpus=nproc)
+            codec_runs[(arm, seed)] = cell
+            cells.append(cell)
 
     def codec_run(key: str, arm: str) -> Cell:
         if (arm, seeds[0]) not in codec_runs:

@@ -48,6 +48,8 @@ PRESETS = ("tiny", "small", "encodec_24khz")
 DEVICES = ("auto", "cpu", "cuda")
 DDP_BUFFERS = ("average", "none")
 STATUSES = ("running", "complete", "failed")
+# Fields that say how a run executes, not what it trains: left out of its config hash (run folders, resume).
+NOT_HASHED = ("run_dir", "progress", "compile", "milestones")
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,15 @@ class TrainConfig(QuantizerFields):
     valid_items: int = 32
     valid_bandwidth: float = 6.0
     checkpoint_every: int = 250
+    # steps whose checkpoint is also kept as checkpoint_step<N>.pt (evaluated later: the long-horizon milestones)
+    milestones: tuple[int, ...] = ()
     device: str = "auto"
+    # bfloat16 autocast of the encoder, decoder and reconstruction losses (the quantizer, its statistics and the
+    # balancer's norms stay float32); on CPU only where the CPU has native bf16 (avx512_bf16 or amx_bf16)
     bf16: bool = False
+    # torch.compile the encoder and decoder for training steps (the quantizer stays eager). How a run executes,
+    # not what it computes (equal to float rounding): not part of the config hash, so a run resumes either way.
+    compile: bool = False
     ddp_buffers: str = "average"  # codebook buffers after each step under DDP: averaged (AudioCraft) or left
     progress: bool = True
 
@@ -156,6 +165,9 @@ class TrainConfig(QuantizerFields):
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number >= 0")
         if not self.bandwidths:
             raise ValueError("bandwidths: got an empty list, allowed a non-empty list of kbps")
+        for step in self.milestones:
+            if not 0 < step <= self.steps:
+                raise ValueError(f"milestones: got {step}, allowed steps in [1, steps={self.steps}]")
         self.expiry()  # validates the expiry_* fields, naming them
         codec = self.codec_config()  # validates the model fields
         if (self.quantizer_warmup or self.kmeans_frames) and self.quantizer != "ours":
@@ -214,6 +226,19 @@ def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in metrics.items()}
 
 
+def missing_cpu_bf16() -> str | None:
+    """None if this CPU computes bfloat16 natively, else what it lacks. Without it, oneDNN emulates bf16 and a
+    bf16 step is slower than float32, so `bf16: true` on such a CPU is refused rather than run."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return None
+    return "no avx512_bf16 or amx_bf16 in /proc/cpuinfo" if flags else "cannot read the CPU's flags from /proc/cpuinfo"
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 
@@ -270,6 +295,8 @@ def build_parts(cfg: TrainConfig, device: torch.device) -> Parts:
     torch.manual_seed(cfg.seed)
     codec_cfg = cfg.codec_config()
     model = Codec(codec_cfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device).train()
+    if cfg.compile:
+        model.compile_networks()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     # linear warm-up: step s (0-based) runs at lr x (s + 1) / warmup_steps until warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -285,8 +312,8 @@ def train_step(parts: Parts, cfg: TrainConfig, wav: torch.Tensor, bandwidth: flo
                world: int = 1) -> dict[str, torch.Tensor]:
     """One update of the codec (and of the discriminator first, when on); returns the step's scalars."""
     model, weights = parts.model, loss_weights(cfg)
-    use_bf16 = cfg.bf16 and wav.device.type == "cuda"
-    with torch.autocast(wav.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    # The quantizer inside runs in float32 (codec.full_precision) and the audio comes out as float32.
+    with torch.autocast(wav.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         out = model(wav, bandwidth, quantize=step >= cfg.quantizer_warmup)
         terms = {"l1": (out.audio - wav).abs().mean(), "mel": parts.mel_loss(out.audio, wav)}
         if cfg.weight_sisdr > 0:
@@ -340,6 +367,9 @@ def train(cfg: TrainConfig) -> Run:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals made a CPU codec step vary 0.6-14 s here
+        missing = missing_cpu_bf16() if cfg.bf16 else None
+        if missing:
+            raise UserError(f"bf16: this CPU has no native bfloat16 ({missing}); set bf16: false")
     else:
         torch.cuda.set_device(device)
 
@@ -388,17 +418,20 @@ class Session:
             write_parquet(pd.DataFrame(self.rows), self.run_dir / "metrics.parquet")
 
     def checkpoint(self) -> None:
-        """Metrics and checkpoint as of `done` steps: what a resumed run starts from."""
+        """Metrics and checkpoint as of `done` steps: what a resumed run starts from (at a milestone, also kept
+        as checkpoint_step<done>.pt)."""
         self.write_metrics()
         if self.data.rank == 0:
-            save_torch({**self.parts.state(), "step": self.done, "rows": self.rows,
-                        "config": cfglib.to_dict(self.cfg)}, self.run_dir / "checkpoint.pt")
+            state = {**self.parts.state(), "step": self.done, "rows": self.rows, "config": cfglib.to_dict(self.cfg)}
+            save_torch(state, self.run_dir / "checkpoint.pt")
+            if self.done in self.cfg.milestones:
+                save_torch(state, milestone_checkpoint(self.run_dir, self.done))
 
 
 def _setup(cfg: TrainConfig, run_dir: Path, data: Data) -> Session:
     """Fresh parts, resumed from the run folder's checkpoint when there is one (refused if it is unreadable
     or of another config); manifest.json written saying the run is running."""
-    chash = cfglib.config_hash(cfg, exclude=("run_dir", "progress"))
+    chash = cfglib.config_hash(cfg, exclude=NOT_HASHED)
     try:
         previous = read_manifest(run_dir) or {}
     except ValueError:  # not JSON (edited by hand?): it is rewritten below
@@ -438,7 +471,7 @@ def _resume_checkpoint(path: Path, chash: str, run_dir: Path, device: torch.devi
         if not isinstance(ckpt, dict) or not {"model", "config", "step", "rows"} <= ckpt.keys():
             raise UserError(f"{path}: not a studylib run checkpoint (expected keys model, config, step, rows)")
     with _advice("choose another run_dir"):
-        stored = cfglib.config_hash(stored_config(ckpt, path), exclude=("run_dir", "progress"))
+        stored = cfglib.config_hash(stored_config(ckpt, path), exclude=NOT_HASHED)
     if stored != chash:
         raise UserError(f"run_dir: {run_dir} holds a run of another config (checkpoint.pt: {stored}, this run: "
                         f"{chash}); choose another run_dir")
@@ -498,7 +531,7 @@ def _loop(session: Session, started: float) -> None:
             bar.set_postfix(loss=f"{row['loss']:.3f}", used_l0=row.get("used_l0"))
         if due(cfg.valid_every):
             _validate(session, started)
-        if due(cfg.checkpoint_every):
+        if due(cfg.checkpoint_every) or session.done in cfg.milestones:
             session.checkpoint()
 
 
@@ -531,6 +564,11 @@ def _validate(session: Session, started: float) -> None:
     parts.model.train()
     if not math.isfinite(scores["loss"]):  # a model that is NaN on held-out audio has diverged too
         raise TrainingDiverged(f"diverged at step {session.done}: the validation loss is {scores['loss']}")
+
+
+def milestone_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """Where a run keeps its checkpoint of milestone `step`."""
+    return Path(run_dir) / f"checkpoint_step{step}.pt"
 
 
 def _now() -> str:
