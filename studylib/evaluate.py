@@ -126,7 +126,8 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
                     row |= visqol_scores(audio[pos, 0], wav[pos, 0], kinds[i], rate)
                 rows.append({"item": i, "system": "codec", "bandwidth": bw, "n_q": codes.shape[0],
                              "nominal_kbps": metrics.nominal_kbps(codes.shape[0], bins, frame_rate), **row})
-    examples = _write_examples(codec, dataset, info, example_ids, bandwidths, run_dir) if run_dir and example_ids else []
+    examples = _write_examples(codec, dataset, info, example_ids, bandwidths, run_dir) if run_dir and example_ids \
+        else []
     for bw, chunks in codes_by_bw.items():
         codes = torch.cat(chunks, dim=1)  # [n_q, all frames]
         dead = torch.stack([cb.dead_mask() for cb in codec.quantizer.codebooks[: codes.shape[0]]])
