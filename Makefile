@@ -55,8 +55,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rvq.py --out results/bench_rvq.csv
 
+# JupyterLab on the repository; it prints its URL with the access token. Run as root (containers, cloud
+# images) it refuses to start without --allow-root, so that flag is added then, and only then. LAB_ARGS adds
+# options, e.g. `make lab LAB_ARGS="--no-browser --port 8899"`.
+LAB_ARGS ?=
+ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=.
+	$(BIN)/jupyter lab --notebook-dir=. $(ALLOW_ROOT) $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
