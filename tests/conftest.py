@@ -33,14 +33,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def torchrun_two_ranks(worker: Path, out_dir: Path, timeout: int = 300) -> None:
-    """Run `worker OUT_DIR` as 2 ranks under torch.distributed.run (the worker picks gloo); fail with its
-    output's tail if it fails."""
+def torchrun_two_ranks(worker: Path, out_dir: Path, arms: tuple[str, ...], timeout: int = 300) -> dict[str, list]:
+    """Run `worker OUT_DIR` as 2 ranks under torch.distributed.run (gloo; see tests/rank_worker.py); fail with
+    its output's tail if it fails. Returns {arm: [rank 0's result, rank 1's]}."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::FutureWarning"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(worker), str(out_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {arm: [torch.load(out_dir / f"{arm}_rank{r}.pt") for r in (0, 1)] for arm in arms}
 
 
 @pytest.fixture(scope="session")

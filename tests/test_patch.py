@@ -245,9 +245,7 @@ def test_convert_codebook_alone_keeps_the_values():
 
 @pytest.mark.slow
 def test_patched_encodec_under_two_process_ddp_keeps_codebooks_identical(tmp_path):
-    torchrun_two_ranks(WORKER, tmp_path)
-    fixed = [torch.load(tmp_path / f"fixed_rank{r}.pt") for r in (0, 1)]
-    upstream = [torch.load(tmp_path / f"upstream_rank{r}.pt") for r in (0, 1)]
+    fixed, upstream = torchrun_two_ranks(WORKER, tmp_path, ("fixed", "upstream")).values()
 
     assert fixed[0]["patched"] == 32 and fixed[0]["class"] == "studylib.quantization"
     assert fixed[0]["checks"] == fixed[1]["checks"] == [2, 2]  # 10 steps, every 5

@@ -217,9 +217,7 @@ def test_state_dicts_load_strictly_both_ways():
 
 @pytest.mark.slow
 def test_patched_audiocraft_keeps_codebooks_identical_under_flashys_buffer_averaging(tmp_path):
-    torchrun_two_ranks(WORKER, tmp_path)
-    fixed = [torch.load(tmp_path / f"fixed_rank{r}.pt") for r in (0, 1)]
-    control = [torch.load(tmp_path / f"audiocraft_rank{r}.pt") for r in (0, 1)]
+    fixed, control = torchrun_two_ranks(WORKER, tmp_path, ("fixed", "audiocraft")).values()
 
     assert fixed[0]["patched"] == 32 and fixed[0]["class"] == "studylib.quantization"
     assert fixed[0]["levels"] == fixed[1]["levels"] and len(set(fixed[0]["levels"])) > 3  # the same dropout
