@@ -13,11 +13,13 @@ SYSTEM_PACKAGES := festival festvox-us-slt-hts espeak-ng fluidsynth timgm6mb-sou
 
 setup: $(STAMP)
 
-# Re-install whenever the dependency list changes.
-$(STAMP): pyproject.toml
+# Re-install whenever a dependency list changes. AudioCraft goes in without its dependencies (they pin
+# torch==2.1.0 and pull MusicGen's stack); its quantizer needs only torch, einops and flashy (dev extras).
+$(STAMP): pyproject.toml requirements-audiocraft.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-audiocraft.txt
 	touch $(STAMP)
 
 # System tools: installed when we are root on Debian/Ubuntu; otherwise the corpus builder prints the
@@ -53,8 +55,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rvq.py --out results/bench_rvq.csv
 
+# JupyterLab on the repository; it prints its URL with the access token. Run as root (containers, cloud
+# images) it refuses to start without --allow-root, so that flag is added then, and only then. LAB_ARGS adds
+# options, e.g. `make lab LAB_ARGS="--no-browser --port 8899"`.
+LAB_ARGS ?=
+ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=.
+	$(BIN)/jupyter lab --notebook-dir=. $(ALLOW_ROOT) $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Fix your own EnCodec-style codec: patch the `encodec` package's model and train its quantizer.
+"""Fix your own EnCodec-style codec: patch the `encodec` package's model (or AudioCraft's) and train its quantizer.
 
 The three lines a training script adds (after building / loading the model, before DDP):
 
@@ -13,11 +13,16 @@ regime: 8 x 1 s = 600 frames per step, 1024 codes, 8 levels (6 kbps). It does so
 fraction of the 1024 codes that held-out frames use, before training (right after k-means on the first
 batch) and after it, plus the held-out SNR of the quantized latents.
 
+With `--audiocraft` the quantizer is AudioCraft 1.3.0's `ResidualVectorQuantizer` with its 24 kHz EnCodec
+settings (32 x 1024 x 128, k-means 50 iterations, threshold 2; loaded by
+`studylib.patch.load_audiocraft_quantization`), run at the same 8 levels without quantizer dropout so that
+the two tables compare; the latents still come from the same frozen `encodec` encoder.
+
 Mind the horizon: at decay 0.99 a relative threshold of 0.1 flags a code only after about 229 steps
 without use (codes left empty by the k-means are flagged at the first check), so run a few hundred steps;
 over a few dozen steps a correct expiry can look no better than EnCodec's.
 
-    python examples/fix_your_codec.py [--manifest data/study/manifest.csv] [--steps 400]
+    python examples/fix_your_codec.py [--audiocraft] [--manifest data/study/manifest.csv] [--steps 400]
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from studylib import ExpiryConfig, patch_codebooks
 from studylib.data import AudioDataset
@@ -58,11 +66,43 @@ def encode(encoder, items: list[torch.Tensor], chunk: int = 16) -> torch.Tensor:
     return torch.cat([encoder(torch.stack(items[i:i + chunk])) for i in range(0, len(items), chunk)])
 
 
+@dataclass
+class Quantizer:
+    """The calls this script makes of a quantizer, for either library: `step` runs one forward (training
+    or not, as the module's mode says); codes are [n_q, B, T] either way."""
+
+    module: nn.Module
+    levels: int
+    step: Callable[[torch.Tensor], object]  # latents [B, 128, T] -> (ignored)
+    encode: Callable[[torch.Tensor], torch.Tensor]  # latents [B, 128, T] -> codes [n_q, B, T]
+    decode: Callable[[torch.Tensor], torch.Tensor]  # codes [n_q, B, T] -> latents [B, 128, T]
+
+
+def encodec_quantizer(seed: int, frame_rate: int, bandwidth: float) -> Quantizer:
+    rvq = build_model(seed).quantizer
+    return Quantizer(rvq, rvq.get_num_quantizers_for_bandwidth(frame_rate, bandwidth),
+                     lambda x: rvq(x, frame_rate, bandwidth), lambda x: rvq.encode(x, frame_rate, bandwidth),
+                     rvq.decode)
+
+
+def audiocraft_quantizer(seed: int, frame_rate: int, bandwidth: float) -> Quantizer:
+    from studylib.patch import load_audiocraft_quantization
+
+    torch.manual_seed(seed)
+    rvq = load_audiocraft_quantization().ResidualVectorQuantizer(  # config/model/encodec (24 kHz, causal)
+        dimension=128, n_q=32, q_dropout=False, bins=1024, decay=0.99, kmeans_init=True, kmeans_iters=50,
+        threshold_ema_dead_code=2)
+    rvq.set_num_codebooks(max(1, int(bandwidth * 1000 // (np.log2(rvq.bins) * frame_rate))))  # 8 at 6 kbps
+    return Quantizer(rvq, rvq.num_codebooks, lambda x: rvq(x, frame_rate), lambda x: rvq.encode(x).transpose(0, 1),
+                     lambda codes: rvq.decode(codes.transpose(0, 1)))
+
+
 @torch.no_grad()
-def held_out_stats(quantizer, latents: torch.Tensor, frame_rate: int, bandwidth: float) -> tuple[list, float]:
+def held_out_stats(quantizer: Quantizer, latents: torch.Tensor) -> tuple[list, float]:
     """Per level, the fraction of codes that the held-out frames use; SNR (dB) of the quantized latents."""
-    codes = quantizer.encode(latents, frame_rate, bandwidth)  # [n_q, B, T]
-    usage = [codes[level].unique().numel() / quantizer.bins for level in range(codes.shape[0])]
+    codes = quantizer.encode(latents)  # [n_q, B, T]
+    bins = quantizer.module.bins
+    usage = [codes[level].unique().numel() / bins for level in range(codes.shape[0])]
     error = latents - quantizer.decode(codes)
     snr = 10 * torch.log10(latents.var() / error.pow(2).mean())
     return usage, float(snr)
@@ -70,6 +110,8 @@ def held_out_stats(quantizer, latents: torch.Tensor, frame_rate: int, bandwidth:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--audiocraft", action="store_true",
+                        help="patch AudioCraft 1.3.0's quantizer instead of the encodec package's")
     parser.add_argument("--manifest", type=Path, default=ROOT / "data" / "study" / "manifest.csv",
                         help="a corpus manifest written by `studylib corpus` (train and valid splits)")
     parser.add_argument("--steps", type=int, default=400, help="quantizer training steps per arm")
@@ -100,30 +142,31 @@ def main() -> None:
     print(f"encoded {len(crops)} training crops and {len(picks)} held-out windows "
           f"({held_out.shape[0] * held_out.shape[2]} frames) in {time.perf_counter() - start:.0f} s")
 
+    build_quantizer = audiocraft_quantizer if args.audiocraft else encodec_quantizer
     results = {}
     for arm, expiry in ARMS.items():
         arm_start = time.perf_counter()
-        model = build_model(args.seed)
-        replaced = patch_codebooks(model, expiry=expiry)  # <- the fix (or, for `upstream`, EnCodec as is)
-        quantizer = model.quantizer
+        quantizer = build_quantizer(args.seed, frame_rate, args.bandwidth)
+        replaced = patch_codebooks(quantizer.module, expiry=expiry)  # <- the fix (or, for `upstream`, as released)
         batches = torch.Generator().manual_seed(args.seed)  # the same batches for every arm
         torch.manual_seed(args.seed + 1)  # the codebooks draw from the global RNG, as EnCodec's
         # Before: k-means on the first batch (run by the first forward, here without an EMA step).
-        quantizer.eval()(pool[torch.randint(len(pool), (args.batch,), generator=batches)], frame_rate,
-                         args.bandwidth)
-        before = held_out_stats(quantizer, held_out, frame_rate, args.bandwidth)
-        quantizer.train()
+        quantizer.module.eval()
+        quantizer.step(pool[torch.randint(len(pool), (args.batch,), generator=batches)])
+        before = held_out_stats(quantizer, held_out)
+        quantizer.module.train()
         for _ in range(args.steps):
-            quantizer(pool[torch.randint(len(pool), (args.batch,), generator=batches)], frame_rate, args.bandwidth)
-        after = held_out_stats(quantizer.eval(), held_out, frame_rate, args.bandwidth)
-        levels = quantizer.get_num_quantizers_for_bandwidth(frame_rate, args.bandwidth)
-        codes_replaced = sum(int(layer._codebook.replaced_total) for layer in quantizer.vq.layers[:levels])
+            quantizer.step(pool[torch.randint(len(pool), (args.batch,), generator=batches)])
+        quantizer.module.eval()
+        after = held_out_stats(quantizer, held_out)
+        layers = quantizer.module.vq.layers[:quantizer.levels]
+        codes_replaced = sum(int(layer._codebook.replaced_total) for layer in layers)
         results[arm] = {"before": before, "after": after, "replaced": codes_replaced}
-        print(f"{arm}: patched {replaced} codebooks, {args.steps} steps in {time.perf_counter() - arm_start:.0f} s, "
-              f"codes replaced {codes_replaced:,}")
+        print(f"{arm}: patched {replaced} codebooks of {type(quantizer.module).__module__}, {args.steps} steps in "
+              f"{time.perf_counter() - arm_start:.0f} s, codes replaced {codes_replaced:,}")
 
     levels = len(results["upstream"]["before"][0])
-    print(f"\nheld-out usage per level (fraction of {model.quantizer.bins} codes used), "
+    print(f"\nheld-out usage per level (fraction of {quantizer.module.bins} codes used), "
           f"before = after k-means on the first batch, after = {args.steps} steps of {args.batch * frame_rate} frames")
     print("| level | " + " | ".join(f"{arm} before | {arm} after" for arm in results) + " |")
     print("|---" * (1 + 2 * len(results)) + "|")
@@ -135,7 +178,8 @@ def main() -> None:
     snrs = [f"{r[when][1]:.2f}" for r in results.values() for when in ("before", "after")]
     print("| SNR (dB) | " + " | ".join(snrs) + " |")
     print(f"\ntotal {time.perf_counter() - start:.0f} s; `upstream` trains bit-identically to the unpatched model "
-          "(tests/test_patch.py), so it stands for EnCodec as released")
+          f"(tests/{'test_patch_audiocraft' if args.audiocraft else 'test_patch'}.py), so it stands for the quantizer "
+          "as released")
 
 
 if __name__ == "__main__":

@@ -26,16 +26,21 @@ alpha only after about ln(alpha) / ln(0.99) steps (229 at 0.1), so judge the fix
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 import math
+import sys
+import types
 import warnings
 
 from torch import nn
 
 from studylib.quantization import COUNTERS, EuclideanCodebook, ExpiryConfig
 
-__all__ = ["RECOMMENDED_EXPIRY", "codebook_problem", "convert_codebook", "patch_codebooks",
-           "restore_codebook", "unpatch_codebooks"]
+__all__ = ["RECOMMENDED_EXPIRY", "codebook_problem", "convert_codebook", "load_audiocraft_quantization",
+           "patch_codebooks", "restore_codebook", "unpatch_codebooks"]
 
 # Moshi's rule: dead below 0.1 x the uniform share of usage, checked every 5 steps.
 RECOMMENDED_EXPIRY = ExpiryConfig(mode="fixed", threshold=0.1, threshold_kind="relative", every=5)
@@ -251,3 +256,42 @@ def unpatch_codebooks(model: nn.Module) -> int:
         return None
 
     return _swap_children(model, choose)
+
+
+# ------------------------------------------------------------------------------------ AudioCraft
+
+
+AUDIOCRAFT_INSTALL = ("`make setup` installs it: flashy from the dev extras, then "
+                      "`pip install --no-deps -r requirements-audiocraft.txt`")
+
+
+def load_audiocraft_quantization() -> types.ModuleType:
+    """AudioCraft's ``audiocraft.quantization`` package, imported without running ``audiocraft/__init__.py``.
+
+    Why: AudioCraft's top-level ``__init__`` imports its data, modules and models (MusicGen's dependencies:
+    av, transformers, xformers, ... and a torch==2.1.0 pin), which this project does not install, while
+    ``audiocraft/quantization/{base,core_vq,vq}.py`` need only torch, einops and flashy. So, unless the real
+    package is already imported, an empty stand-in module named ``audiocraft`` that carries only the
+    installed package's ``__path__`` goes into ``sys.modules`` and the subpackage is imported under it:
+    the classes are AudioCraft's own code with their real module names (``audiocraft.quantization.core_vq``).
+    The stand-in stays, so later ``import audiocraft.quantization`` finds the same modules; nothing else of
+    AudioCraft is reachable through it in this process. Raises ModuleNotFoundError with the install command
+    when AudioCraft or flashy is missing (and leaves no half-imported ``audiocraft`` behind).
+    """
+    if "audiocraft" not in sys.modules:
+        spec = importlib.util.find_spec("audiocraft")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(f"AudioCraft is not installed; {AUDIOCRAFT_INSTALL}", name="audiocraft")
+        stand_in = types.ModuleType("audiocraft", "Stand-in for AudioCraft's package (studylib.patch): "
+                                    "its __init__ was not run; only subpackages can be imported through it.")
+        stand_in.__spec__ = importlib.machinery.ModuleSpec("audiocraft", None, is_package=True)
+        stand_in.__spec__.submodule_search_locations = stand_in.__path__ = list(spec.submodule_search_locations)
+        sys.modules["audiocraft"] = stand_in
+    try:
+        return importlib.import_module("audiocraft.quantization")
+    except ImportError as err:
+        if getattr(sys.modules.get("audiocraft"), "__file__", None) is None:  # ours: take it back out
+            for name in [n for n in sys.modules if n == "audiocraft" or n.startswith("audiocraft.")]:
+                del sys.modules[name]
+        raise ModuleNotFoundError(f"AudioCraft's quantizer does not import ({err}); {AUDIOCRAFT_INSTALL}",
+                                  name=err.name) from err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,26 @@ SMOKE = ROOT / "params" / "scales" / "smoke.yaml"
 @pytest.fixture(autouse=True)
 def _cpu_numerics():
     torch.set_flush_denormal(True)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (the quantizer tests' timings and bit patterns assume it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def torchrun_two_ranks(worker: Path, out_dir: Path, arms: tuple[str, ...], timeout: int = 300) -> dict[str, list]:
+    """Run `worker OUT_DIR` as 2 ranks under torch.distributed.run (gloo; see tests/rank_worker.py); fail with
+    its output's tail if it fails. Returns {arm: [rank 0's result, rank 1's]}."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::FutureWarning"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(worker), str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {arm: [torch.load(out_dir / f"{arm}_rank{r}.pt") for r in (0, 1)] for arm in arms}
 
 
 @pytest.fixture(scope="session")

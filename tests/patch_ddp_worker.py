@@ -7,11 +7,10 @@ the codebook's synchronisation. Saves what the test compares into OUT_DIR/<arm>_
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import functools
 
+import rank_worker
 import torch
-import torch.distributed as dist
 from encodec import EncodecModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -63,16 +62,5 @@ def run(arm: str, rank: int) -> dict:
     }
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    out_dir = Path(sys.argv[1])
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    for arm in ARMS:
-        torch.save(run(arm, rank), out_dir / f"{arm}_rank{rank}.pt")
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    rank_worker.main({arm: functools.partial(run, arm) for arm in ARMS})

@@ -3,13 +3,11 @@ upstream mode does exactly what encodec 0.1.1 does under torch.distributed (rank
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun_two_ranks
 
 pytest.importorskip("encodec")
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -17,13 +15,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> dict[str, list[dict]]:
-    out = tmp_path_factory.mktemp("ddp")
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {arm: [torch.load(out / f"{arm}_rank{r}.pt") for r in (0, 1)] for arm in ("fixed", "upstream", "balancer")}
+    return torchrun_two_ranks(WORKER, tmp_path_factory.mktemp("ddp"), ("fixed", "upstream", "balancer"))
 
 
 def test_fixed_codebooks_identical_on_every_rank(ranks):

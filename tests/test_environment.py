@@ -31,3 +31,22 @@ def test_environment_yml_agrees_with_pyproject():
 def test_torch_pins():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "torch==2.11.0" in deps and "torchaudio==2.11.0" in deps
+
+
+def test_audiocraft_goes_in_without_its_dependencies_everywhere():
+    """AudioCraft's requirements pin torch==2.1.0: its pinned file is installed with --no-deps by the
+    Makefile's setup step (re-run when the file changes) and by the conda recipe's documented step."""
+    command = "pip install --no-deps -r requirements-audiocraft.txt"
+    lines = [line.strip() for line in (ROOT / "requirements-audiocraft.txt").read_text().splitlines()]
+    requirements = [line for line in lines if line and not line.startswith("#")]
+    assert "audiocraft==1.3.0" in requirements
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.]*", r) for r in requirements), requirements
+    makefile = (ROOT / "Makefile").read_text()
+    stamp_rule = re.search(r"^\$\(STAMP\):(.*)\n((?:\t.*\n)+)", makefile, re.M)
+    assert "requirements-audiocraft.txt" in stamp_rule.group(1).split()
+    assert re.search(r"-m pip install .*--no-deps .*-r requirements-audiocraft\.txt$", stamp_rule.group(2), re.M)
+    assert command in (ROOT / "environment.yml").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    everything = project["dependencies"] + project["optional-dependencies"]["dev"]
+    assert not [r for r in everything if normalise(r).startswith("audiocraft")]  # it would pull its torch pin
+    assert any(normalise(r).startswith("flashy") for r in project["optional-dependencies"]["dev"])

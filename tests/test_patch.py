@@ -8,14 +8,12 @@ k-means leaves empty (600 frames for 1024 codes), which are dead from the first 
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun_two_ranks
 from torch import nn
 
 from studylib import ExpiryConfig, patch_codebooks, unpatch_codebooks
@@ -29,15 +27,7 @@ FIXED = ExpiryConfig(mode="fixed", threshold=0.1, threshold_kind="relative", eve
 UPSTREAM = ExpiryConfig(mode="upstream")
 STATE = ("inited", "cluster_size", "embed", "embed_avg")
 WORKER = Path(__file__).with_name("patch_ddp_worker.py")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def encodec_24khz(seed: int = 0) -> nn.Module:
@@ -255,14 +245,7 @@ def test_convert_codebook_alone_keeps_the_values():
 
 @pytest.mark.slow
 def test_patched_encodec_under_two_process_ddp_keeps_codebooks_identical(tmp_path):
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
-                        "PYTHONWARNINGS": "ignore::FutureWarning"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    fixed = [torch.load(tmp_path / f"fixed_rank{r}.pt") for r in (0, 1)]
-    upstream = [torch.load(tmp_path / f"upstream_rank{r}.pt") for r in (0, 1)]
+    fixed, upstream = torchrun_two_ranks(WORKER, tmp_path, ("fixed", "upstream")).values()
 
     assert fixed[0]["patched"] == 32 and fixed[0]["class"] == "studylib.quantization"
     assert fixed[0]["checks"] == fixed[1]["checks"] == [2, 2]  # 10 steps, every 5
