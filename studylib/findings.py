@@ -21,9 +21,11 @@ from studylib import reports, storage
 from studylib.storage import read_json
 from studylib.study import Run, list_runs
 
-COLUMNS = ["scale", "arm", "seed", "run", "bandwidth_kbps", "si_sdr_db", "mel_distance", "visqol", "usage",
-           "perplexity", "perplexity_l0", "entropy_kbps", "n_items", "steps", "left_plateau_step", "train_minutes",
+COLUMNS = ["scale", "arm", "seed", "run", "steps", "final", "bandwidth_kbps", "si_sdr_db", "mel_distance", "visqol",
+           "usage", "perplexity", "perplexity_l0", "entropy_kbps", "n_items", "left_plateau_step", "train_minutes",
            "payload_kbps"]
+# the horizons of the README's headline block: the default scale (500 steps) and the long-horizon scale
+HEADLINE_SCALES = ("cpu", "long")
 HEADLINE_METRICS = [("si_sdr_db", "SI-SDR (dB)", 2), ("mel_distance", "mel distance", 3), ("visqol", "ViSQOL", 2),
                     ("usage", "code usage", 3), ("perplexity_l0", "level-0 perplexity", 0),
                     ("entropy_kbps", "entropy kbps", 2)]
@@ -35,26 +37,29 @@ PAPER = {"system": "EnCodec paper, 24 kHz streamable (other data, GPU-days)", "s
 
 
 def run_rows(run: Run, scale: str) -> list[dict]:
-    """One row per bandwidth of one evaluated codec run (`study.list_runs`: eval_test*.parquet, manifest.json)."""
+    """One row per bandwidth of one evaluated codec run (`study.list_runs`: eval_test*.parquet, manifest.json):
+    its final evaluation (`final` True, `steps` its training length) and each milestone's (`final` False, `steps`
+    the milestone's step; no ViSQOL)."""
     manifest = run.manifest
     summary = read_json(run.folder / "summary.json") or {}
-    items = pd.read_parquet(run.eval_items)
-    levels = pd.read_parquet(run.eval_levels)
+    common = {"scale": scale, "arm": run.arm, "seed": run.seed, "run": run.name,
+              "left_plateau_step": summary.get("left_plateau_step"),
+              "train_minutes": (manifest.get("train_seconds") or math.nan) / 60, "payload_kbps": math.nan}
+    evaluations = [((manifest.get("config") or {}).get("steps"), True, run.eval_items, run.eval_levels)]
+    evaluations += [(step, False, items, levels) for step, (items, levels) in sorted(run.milestone_evals.items())]
     rows = []
-    for bw, group in items.groupby("bandwidth"):
-        lv = levels[levels.bandwidth == bw]
-        rows.append({
-            "scale": scale, "arm": run.arm, "seed": run.seed,
-            "run": run.name, "bandwidth_kbps": float(bw), "si_sdr_db": group.si_sdr.mean(),
-            "mel_distance": group.mel_distance.mean(),
-            "visqol": group.visqol_audio.mean() if "visqol_audio" in group else math.nan,
-            "usage": lv.usage.mean(), "perplexity": lv.perplexity.mean(),
-            "perplexity_l0": float(lv[lv.level == 0].perplexity.iloc[0]),
-            "entropy_kbps": float(lv.entropy_kbps.iloc[0]),
-            "n_items": int(group.item.nunique()), "steps": (manifest.get("config") or {}).get("steps"),
-            "left_plateau_step": summary.get("left_plateau_step"),
-            "train_minutes": (manifest.get("train_seconds") or math.nan) / 60, "payload_kbps": math.nan,
-        })
+    for steps, final, items_path, levels_path in evaluations:
+        items, levels = pd.read_parquet(items_path), pd.read_parquet(levels_path)
+        for bw, group in items.groupby("bandwidth"):
+            lv = levels[levels.bandwidth == bw]
+            rows.append({
+                **common, "steps": steps, "final": final, "bandwidth_kbps": float(bw),
+                "si_sdr_db": group.si_sdr.mean(), "mel_distance": group.mel_distance.mean(),
+                "visqol": group.visqol_audio.mean() if "visqol_audio" in group else math.nan,
+                "usage": lv.usage.mean(), "perplexity": lv.perplexity.mean(),
+                "perplexity_l0": float(lv[lv.level == 0].perplexity.iloc[0]),
+                "entropy_kbps": float(lv.entropy_kbps.iloc[0]), "n_items": int(group.item.nunique()),
+            })
     return rows
 
 
@@ -63,7 +68,7 @@ def opus_rows(path: Path, scale: str) -> list[dict]:
     if not path.is_file():
         return []
     opus = pd.read_parquet(path)
-    return [{"scale": scale, "arm": "opus", "seed": None, "run": "opus", "bandwidth_kbps": float(kbps),
+    return [{"scale": scale, "arm": "opus", "seed": None, "run": "opus", "final": True, "bandwidth_kbps": float(kbps),
              "si_sdr_db": g.si_sdr.mean(), "mel_distance": g.mel_distance.mean(),
              "visqol": g.visqol_audio.mean() if "visqol_audio" in g else math.nan, "n_items": int(g.item.nunique()),
              "payload_kbps": g.payload_kbps.mean()} for kbps, g in opus.groupby("bandwidth")]
@@ -76,20 +81,26 @@ def summary_table(results: str | Path) -> pd.DataFrame:
         for run in list_runs(scale_dir, evaluated=True):
             rows += run_rows(run, scale_dir.name)
         rows += opus_rows(scale_dir / "baselines" / "opus_test.parquet", scale_dir.name)
-    table = pd.DataFrame(rows, columns=COLUMNS).astype({"seed": "Int64"})
+    table = pd.DataFrame(rows, columns=COLUMNS).astype({"seed": "Int64", "steps": "Int64", "final": bool})
     order = {arm: i for i, arm in enumerate(ARM_ORDER)}
-    return table.sort_values(["scale", "bandwidth_kbps", "arm", "seed"], key=lambda c: c.map(order).fillna(99)
-                             if c.name == "arm" else c).reset_index(drop=True)
+    return table.sort_values(["scale", "steps", "bandwidth_kbps", "arm", "seed"], na_position="last",
+                             key=lambda c: c.map(order).fillna(99) if c.name == "arm" else c).reset_index(drop=True)
+
+
+def final_rows(summary: pd.DataFrame, scale: str, focus_kbps: float) -> pd.DataFrame:
+    """The codec runs' final evaluations of one scale at one bandwidth (no milestones, no Opus)."""
+    return summary[(summary.scale == scale) & (summary.arm != "opus") & (summary.bandwidth_kbps == focus_kbps)
+                   & summary.final]
 
 
 def headline(summary: pd.DataFrame, scale: str, focus_kbps: float = 6.0) -> pd.DataFrame:
     """Per arm at `focus_kbps` of one scale: mean and 95 % CI over seeds of each headline metric (Opus: its
     requested bitrate nearest the focus, CI over test windows is not kept here so none is given)."""
-    at = summary[(summary.scale == scale) & (summary.arm != "opus") & (summary.bandwidth_kbps == focus_kbps)]
+    at = final_rows(summary, scale, focus_kbps)
     rows = []
     for arm in [a for a in ARM_ORDER if a in set(at.arm)] + sorted(set(at.arm) - set(ARM_ORDER)):
         group = at[at.arm == arm]
-        row = {"arm": arm, "seeds": int(group.seed.nunique())}
+        row = {"arm": arm, "steps": int(group.steps.max()), "seeds": int(group.seed.nunique())}
         for metric, _, _ in HEADLINE_METRICS:
             row[metric], row[f"{metric}_ci95"] = reports.t_ci95(group[metric].tolist())
         rows.append(row)
@@ -105,7 +116,7 @@ def paired_differences(summary: pd.DataFrame, scale: str, focus_kbps: float = 6.
                        baseline: str = "none") -> pd.DataFrame:
     """Each arm minus `baseline`, seed by seed (same seed: same initial weights and data order), at
     `focus_kbps`: mean and 95 % CI of the differences, and how many seeds pair up."""
-    at = summary[(summary.scale == scale) & (summary.arm != "opus") & (summary.bandwidth_kbps == focus_kbps)]
+    at = final_rows(summary, scale, focus_kbps)
     base = at[at.arm == baseline].set_index("seed")
     rows = []
     for arm in [a for a in ARM_ORDER if a in set(at.arm) and a != baseline]:
@@ -119,19 +130,51 @@ def paired_differences(summary: pd.DataFrame, scale: str, focus_kbps: float = 6.
     return pd.DataFrame(rows)
 
 
-def headline_markdown(summary: pd.DataFrame, scale: str, focus_kbps: float = 6.0) -> str:
-    """The README's headline table: mean ± 95 % CI over seeds at `focus_kbps`, test windows."""
-    table = headline(summary, scale, focus_kbps)
-    head = "| arm | seeds | " + " | ".join(label for _, label, _ in HEADLINE_METRICS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(HEADLINE_METRICS))]
-    for row in table.to_dict("records"):
-        cells = [f"`{row['arm']}`" if not row["arm"].startswith("opus") else row["arm"], str(row["seeds"] or "–")]
+PAIRED_METRICS = ("si_sdr_db", "mel_distance", "usage", "entropy_kbps")
+
+
+def paired_over_steps(summary: pd.DataFrame, scale: str, arm: str = "fixed_rel", baseline: str = "none",
+                      metrics: tuple[str, ...] = PAIRED_METRICS) -> pd.DataFrame:
+    """`arm` minus `baseline` seed by seed at every evaluated step (milestones and final) and bandwidth of one
+    scale: one row per (steps, bandwidth, metric) with the mean difference, its 95 % t-interval and the seeds
+    that pair up."""
+    rows = []
+    at = summary[(summary.scale == scale) & summary.arm.isin([arm, baseline])]
+    for (steps, bw), group in at.groupby(["steps", "bandwidth_kbps"]):
+        a, b = group[group.arm == arm].set_index("seed"), group[group.arm == baseline].set_index("seed")
+        seeds = sorted(set(a.index) & set(b.index))
+        for metric in metrics:
+            mean, half = reports.t_ci95([a.loc[s, metric] - b.loc[s, metric] for s in seeds])
+            rows.append({"scale": scale, "arm": arm, "baseline": baseline, "steps": int(steps),
+                         "bandwidth_kbps": float(bw), "metric": metric, "diff": mean, "ci95": half,
+                         "paired_seeds": len(seeds)})
+    return pd.DataFrame(rows)
+
+
+def headline_markdown(summary: pd.DataFrame, scales: tuple[str, ...] = HEADLINE_SCALES,
+                      focus_kbps: float = 6.0) -> str:
+    """The README's headline table: per scale on disk (each a training length), mean ± 95 % CI over seeds at
+    `focus_kbps`, test windows; then Opus on the same windows and the EnCodec paper."""
+    scales = (scales,) if isinstance(scales, str) else scales
+    head = "| arm | steps | seeds | " + " | ".join(label for _, label, _ in HEADLINE_METRICS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(HEADLINE_METRICS))]
+    opus = None
+    for scale in [s for s in scales if (summary.scale == s).any()]:
+        for row in headline(summary, scale, focus_kbps).to_dict("records"):
+            if row["arm"].startswith("opus"):
+                opus = opus or row
+                continue
+            cells = [f"`{row['arm']}`", f"{int(row['steps']):,}", str(row["seeds"])]
+            for metric, _, digits in HEADLINE_METRICS:
+                cells.append(reports.format_ci(row[metric], row[f"{metric}_ci95"], digits))
+            lines.append("| " + " | ".join(cells) + " |")
+    if opus is not None:
+        cells = [opus["arm"], "–", "–"]
         for metric, _, digits in HEADLINE_METRICS:
-            mean, half = row.get(metric, math.nan), row.get(f"{metric}_ci95", math.nan)
-            cells.append(reports.format_ci(mean if mean is not None else math.nan,
-                                           half if half is not None else math.nan, digits))
+            value = opus.get(metric, math.nan)
+            cells.append(reports.format_ci(value if value is not None else math.nan, math.nan, digits))
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"| {PAPER['system']} | – | {PAPER['si_sdr_db']:.2f} | – | {PAPER['visqol']:.2f} | – | – | – |")
+    lines.append(f"| {PAPER['system']} | – | – | {PAPER['si_sdr_db']:.2f} | – | {PAPER['visqol']:.2f} | – | – | – |")
     return "\n".join(lines)
 
 
@@ -162,13 +205,13 @@ def readmes(results: Path) -> list[Path]:
     return [results / "README.md", results.parent / "README.md"]
 
 
-def write_findings(results: str | Path, scale: str = "cpu", focus_kbps: float = 6.0) -> Path:
-    """results/summary.csv from every scale on disk; the headline block of the READMEs from `scale`."""
+def write_findings(results: str | Path, scales: tuple[str, ...] = HEADLINE_SCALES, focus_kbps: float = 6.0) -> Path:
+    """results/summary.csv from every scale on disk; the headline block of the READMEs from `scales`."""
     results = Path(results)
     summary = summary_table(results)
     path = storage.atomic_write(results / "summary.csv", lambda p: summary.to_csv(p, index=False))
-    if (summary.scale == scale).any():
-        block = headline_markdown(summary, scale, focus_kbps)
+    if summary.scale.isin(scales).any():
+        block = headline_markdown(summary, scales, focus_kbps)
         for readme in readmes(results):
             update_readme(readme, block)
     return path
@@ -177,12 +220,13 @@ def write_findings(results: str | Path, scale: str = "cpu", focus_kbps: float = 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="studylib findings", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results", help="results folder (default results)")
-    parser.add_argument("--scale", default="cpu", help="the scale of the README's headline table (default cpu)")
+    parser.add_argument("--scale", dest="scales", action="append", default=None,
+                        help=f"a scale of the README's headline table, repeatable (default {HEADLINE_SCALES})")
     parser.add_argument("--focus-kbps", type=float, default=6.0, help="its bandwidth (default 6)")
     args = parser.parse_args(argv)
     if not Path(args.results).is_dir():
         print(f"studylib findings: {args.results}: no such results folder", file=sys.stderr)
         return 2
-    path = write_findings(args.results, args.scale, args.focus_kbps)
+    path = write_findings(args.results, tuple(args.scales or HEADLINE_SCALES), args.focus_kbps)
     print(f"wrote {path}")
     return 0

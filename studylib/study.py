@@ -643,6 +643,17 @@ class Run:
         return self.folder / "eval_test_levels.parquet"
 
     @property
+    def milestone_evals(self) -> dict[int, tuple[Path, Path]]:
+        """step -> (items, levels) tables of each evaluated milestone checkpoint (eval_test_step<N>*.parquet)."""
+        found = {}
+        for levels in self.folder.glob("eval_test_step*_levels.parquet"):
+            step = levels.name.removeprefix("eval_test_step").removesuffix("_levels.parquet")
+            items = levels.with_name(f"eval_test_step{step}.parquet")
+            if step.isdigit() and items.is_file():
+                found[int(step)] = (items, levels)
+        return found
+
+    @property
     def evaluated(self) -> bool:
         """Scored on the test windows: both evaluation tables are on disk."""
         return self.eval_items.is_file() and self.eval_levels.is_file()

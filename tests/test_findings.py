@@ -17,7 +17,8 @@ def toy_summary() -> pd.DataFrame:
     rows = []
     for arm, base in (("none", 3.0), ("fixed_rel", 3.5)):
         for seed, noise in zip((0, 1, 2), (0.0, 0.2, -0.1)):
-            rows.append({"scale": "cpu", "arm": arm, "seed": seed, "run": f"{arm}-s{seed}", "bandwidth_kbps": 6.0,
+            rows.append({"scale": "cpu", "arm": arm, "seed": seed, "run": f"{arm}-s{seed}", "steps": 500,
+                         "final": True, "bandwidth_kbps": 6.0,
                          "si_sdr_db": base + noise, "mel_distance": 3.5, "visqol": 3.0, "usage": 0.5,
                          "perplexity": 200.0, "perplexity_l0": 100.0 + seed, "entropy_kbps": 5.0})
     rows.append({"scale": "cpu", "arm": "opus", "seed": None, "run": "opus", "bandwidth_kbps": 6.0, "si_sdr_db": 2.8,
@@ -49,7 +50,7 @@ def test_readme_block_is_replaced_and_nothing_else(tmp_path):
     text = readme.read_text()
     assert text.startswith("# Findings\n\nbefore\n\n") and text.endswith("\n\nafter\n")
     assert findings.readme_block(readme) == block and "old table" not in text
-    assert "| `fixed_rel` | 3 | 3.53 ± 0.38 |" in block
+    assert "| `fixed_rel` | 500 | 3 | 3.53 ± 0.38 |" in block
     assert not findings.update_readme(tmp_path / "missing.md", block)
 
 
@@ -69,4 +70,4 @@ def test_committed_summary_matches_the_committed_runs():
 @pytest.mark.parametrize("readme", [RESULTS / "README.md", ROOT / "README.md"])
 def test_readme_headline_tables_agree_with_the_committed_summary(readme):
     summary = pd.read_csv(RESULTS / "summary.csv")
-    assert findings.readme_block(readme) == findings.headline_markdown(summary, "cpu", 6.0), readme
+    assert findings.readme_block(readme) == findings.headline_markdown(summary, findings.HEADLINE_SCALES, 6.0), readme
