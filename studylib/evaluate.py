@@ -150,7 +150,7 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
 
 
 def evaluate_milestones(run_dir: str | Path, manifest: str | Path | None = None, per_kind: int | None = None,
-                        progress: bool = True) -> list[int]:
+                        seconds: float = 5.0, progress: bool = True) -> list[int]:
     """Evaluate each milestone checkpoint of a run (checkpoint_step<N>.pt, `TrainConfig.milestones`) that has no
     evaluation newer than itself, at MILESTONE_BANDWIDTHS (those the model has), without ViSQOL or examples, into
     eval_test_step<N>*.parquet; returns the milestone steps on disk. The final checkpoint is the run's own
@@ -165,7 +165,7 @@ def evaluate_milestones(run_dir: str | Path, manifest: str | Path | None = None,
         codec, cfg, _ = load_checkpoint(path)
         bandwidths = tuple(b for b in MILESTONE_BANDWIDTHS if b in codec.config.target_bandwidths)
         evaluate(codec, "test", bandwidths or None, manifest or cfg.manifest, visqol_items=0, examples_per_kind=0,
-                 out_dir=run_dir, per_kind=per_kind, progress=progress, suffix=f"_step{step}")
+                 seconds=seconds, out_dir=run_dir, per_kind=per_kind, progress=progress, suffix=f"_step{step}")
     return steps
 
 

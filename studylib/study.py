@@ -39,9 +39,9 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_bug_anatomy", "02_quantizer_study", "03_train_codec", "04_compare", "05_codebook_audit",
-             "06_cpu_recipe")
+             "06_cpu_recipe", "07_long_horizon")
 SCALE_KEYS = ("corpus", "train_params", "cell_timeout_s", "notebooks", "codec", "quantizer", "anatomy", "audit",
-              "compare", "recipe")
+              "compare", "recipe", "horizon")
 CODEC_KEYS = ("arms", "seeds", "arm_seeds", "nproc_per_node", "evaluate", "set")
 QUANTIZER_KEYS = ("latents_from", "base", "grid")
 RECIPE_KEYS = ("arm", "steps", "valid_every", "seed", "variants")
@@ -132,7 +132,8 @@ RUNNER_KEYS = ("manifest", "results_dir", "out_dir", "progress")  # parameters e
 # parameters, less the runner's and those it derives (`derived`), plus the block's own (`extra`, translated).
 NOTEBOOK_BLOCKS = {"anatomy": ("01_bug_anatomy", (), ()),
                    "audit": ("05_codebook_audit", ("runs",), ("arms",)),
-                   "compare": ("04_compare", (), ())}
+                   "compare": ("04_compare", (), ()),
+                   "horizon": ("07_long_horizon", (), ())}
 
 
 def notebook_parameters(path: Path) -> tuple[str, ...]:
@@ -275,6 +276,11 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     if "04_compare" in notebooks:
         cells.append(Cell("04_compare", "04_compare", compare,
                           needs=tuple(c.name for c in cells), always=True))
+    if "07_long_horizon" in notebooks:  # on whatever codec runs finished, like 04
+        horizon = {"evaluate": compare["evaluate"], "opus_bitrates": compare["opus_bitrates"],
+                   **(settings.get("horizon") or {})}
+        codec_cells = tuple(c.name for c in cells if c.notebook == "03_train_codec")
+        cells.append(Cell("07_long_horizon", "07_long_horizon", horizon, needs=codec_cells, always=True))
 
     common = {"manifest": str(manifest.resolve()), "results_dir": str(results.resolve()), "progress": False}
     for cell in cells:
