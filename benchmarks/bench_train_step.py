@@ -67,9 +67,10 @@ def before_speedup():
         codec_module._reflect = saved
 
 
-def recipe_config() -> TrainConfig:
+def recipe_config(arm: str = "none") -> TrainConfig:
+    """The cpu scale's training config of one arm (params/scales/cpu.yaml + params/arms/<arm>.yaml)."""
     return cfglib.build(TrainConfig, [cfglib.read_overlay(ROOT / "params/scales/cpu.yaml"),
-                                      cfglib.read_overlay(ROOT / "params/arms/none.yaml")])
+                                      cfglib.read_overlay(ROOT / f"params/arms/{arm}.yaml")])
 
 
 def step_times(repeats: int) -> dict[str, list[float]]:
@@ -147,12 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{"what": "step_now_over_before", "value": ratio, "unit": "ratio"},
                  {"what": f"throughput_1x{cores}_threads", "value": single, "unit": "steps/s"},
                  {"what": f"throughput_{cores}x1_thread", "value": spread, "unit": "steps/s"}]
-        df = pd.DataFrame(rows)
-        df["repeats"], df["date"], df["machine"] = args.repeats, when, machine
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out, index=False)
-        print(f"wrote {args.out}")
+        write_csv(pd.DataFrame(rows), args.out, args.repeats, when, machine)
     return 0
+
+
+def write_csv(df, out: Path, repeats: int, when: str, machine: str) -> None:
+    """The figures, with how many repeats, when and on what they were measured."""
+    df["repeats"], df["date"], df["machine"] = repeats, when, machine
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

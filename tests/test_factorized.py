@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE, smoke_config
+from conftest import SMOKE, smoke_config, train_killed_then_resumed
 
 from studylib import train as trainlib
 from studylib.audit import audit, audit_usage
@@ -257,20 +257,9 @@ def test_arm_trains_and_logs_what_every_arm_logs(gradient_run):
 def test_run_killed_and_resumed_ends_bit_identical(gradient_run, synthetic_manifest, tmp_path, monkeypatch):
     quantizer, run_dir = gradient_run
     cfg = smoke_config(synthetic_manifest, tmp_path / "killed", quantizer=quantizer, **LOOP)
-    real_batch = trainlib._train_batch
-
-    def killed_at_step_6(dataset, cfg_, step, rank):
-        if step == 6:
-            raise KeyboardInterrupt("simulated kill")
-        return real_batch(dataset, cfg_, step, rank)
-
-    monkeypatch.setattr(trainlib, "_train_batch", killed_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        trainlib.train(cfg)
-    monkeypatch.setattr(trainlib, "_train_batch", real_batch)
-    assert trainlib.train(cfg).status == "complete"
-    assert json.loads((Path(cfg.run_dir) / "manifest.json").read_text())["resumed_at_step"] == 4
-    (a_metrics, a_state), (b_metrics, b_state) = _comparable(run_dir), _comparable(Path(cfg.run_dir))
+    resumed = train_killed_then_resumed(cfg, 6, monkeypatch)
+    assert json.loads((resumed / "manifest.json").read_text())["resumed_at_step"] == 4
+    (a_metrics, a_state), (b_metrics, b_state) = _comparable(run_dir), _comparable(resumed)
     assert a_metrics.equals(b_metrics)
     assert a_state.keys() == b_state.keys() and all(torch.equal(a_state[k], b_state[k]) for k in a_state)
 
