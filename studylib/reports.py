@@ -204,8 +204,12 @@ def plot_alternatives(table: pd.DataFrame, metrics: Sequence[tuple[str, str]]):
     zero line is "no difference"."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.6), squeeze=False)
-    for ax, (metric, label) in zip(axes[0], metrics):
+    cols = min(3, len(metrics))
+    rows_n = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, (metric, label) in zip(axes.flat, metrics):
         for (arm, baseline), rows in table.sort_values("kbps").groupby(["arm", "baseline"], sort=False):
             ax.errorbar(rows.kbps, rows[f"d_{metric}"], yerr=rows[f"d_{metric}_ci95"].fillna(0), marker="o",
                         capsize=3, color=arm_color(arm), ls="-" if baseline == "fixed_rel" else "--",
