@@ -586,10 +586,9 @@ def _average_codebooks(model: Codec, world: int) -> None:
     is exact only for n a power of two: so for 2 ranks (x + x) always, for 4 or 8 when the sum is taken
     pairwise; not for 3, 5 or 6 ranks (3x rounds), nor for 8 summed one rank at a time (float32 running
     sums of equal values: exact for 2 and 4 terms, last bit off for 3, 5, 6 and 8)."""
-    if model.config.quantizer not in EMA_QUANTIZERS:  # dac, simvq: codebooks are parameters, averaged as gradients
-        return  # (their reporting EMA of code counts stays each rank's own)
-    for cb in model.quantizer.codebooks:
-        for buf in (cb.cluster_size, cb.embed, cb.embed_avg):
+    ema = model.config.quantizer in EMA_QUANTIZERS  # dac, simvq: codebooks are parameters, averaged as gradients;
+    for cb in model.quantizer.codebooks:  # their reporting EMA of code counts is averaged like cluster_size
+        for buf in (cb.cluster_size, cb.embed, cb.embed_avg) if ema else (cb.usage.counts,):
             distributed.all_reduce_sum_(buf).div_(world)
 
 

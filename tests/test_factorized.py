@@ -217,9 +217,12 @@ def test_options_that_do_not_apply_are_one_line_errors(tmp_path, capsys, sets, m
     assert not run_dir.exists()
 
 
-def test_ddp_buffer_averaging_leaves_gradient_codebooks_alone():
+def test_ddp_buffer_averaging_takes_the_reporting_ema_of_gradient_codebooks(monkeypatch):
     codec = Codec(dataclasses.replace(CodecConfig.tiny(), quantizer="dac", expiry=ExpiryConfig(mode="none")))
-    trainlib._average_codebooks(codec, world=2)  # no EMA buffers to average (EnCodec arms: cluster_size, ...)
+    averaged = []
+    monkeypatch.setattr(trainlib.distributed, "all_reduce_sum_", lambda t: averaged.append(t) or t.mul_(2))
+    trainlib._average_codebooks(codec, world=2)  # no EMA codebook (cluster_size, embed_avg) to average
+    assert [t.data_ptr() for t in averaged] == [layer.usage.counts.data_ptr() for layer in codec.quantizer.layers]
 
 
 # ---------------------------------------------------------------------------- through the training loop
