@@ -46,16 +46,17 @@ SETTINGS = {  # name: (bf16, compile, mel loss as before)
 }
 
 
-def recipe_config(setting: str = "fp32") -> TrainConfig:
+def recipe_config(arm: str = "none", setting: str = "fp32") -> TrainConfig:
+    """The cpu scale's training config of one arm (params/scales/cpu.yaml + params/arms/<arm>.yaml), in a setting."""
     bf16, compile_, _ = SETTINGS[setting]
     return cfglib.build(TrainConfig, [cfglib.read_overlay(ROOT / "params/scales/cpu.yaml"),
-                                      cfglib.read_overlay(ROOT / "params/arms/none.yaml"),
+                                      cfglib.read_overlay(ROOT / f"params/arms/{arm}.yaml"),
                                       {"bf16": bf16, "compile": compile_}])
 
 
 def worker(setting: str, steps: int, go: Path, stop: Path) -> dict:
     """Warm up, wait for `go`, time `steps` steps, keep stepping until `stop`; the median and all times."""
-    cfg = recipe_config(setting)
+    cfg = recipe_config(setting=setting)
     parts = build_parts(cfg, torch.device("cpu"))
     if SETTINGS[setting][2]:  # the mel loss as it was: torch.stft through autograd
         parts.mel_loss.forward = types.MethodType(lambda self, e, r: self.autograd_loss(e, r), parts.mel_loss)
@@ -164,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and rows:
         import pandas as pd
 
-        df = pd.DataFrame(rows)
-        df["steps"], df["date"], df["machine"] = args.steps, when, machine
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out, index=False)
-        print(f"wrote {args.out}")
+        write_csv(pd.DataFrame(rows), args.out, args.steps, when, machine)
     return 0
+
+
+def write_csv(df, out: Path, repeats: int, when: str, machine: str) -> None:
+    """The figures, with how many timed steps (repeats), when and on what they were measured."""
+    df["repeats"], df["date"], df["machine"] = repeats, when, machine
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ threshold: with N = 600 and EnCodec's threshold 2, at least 724 of 1024 codes re
 step, whatever the expiry does. `audit_state_dict` reads this off any state dict (official EnCodec
 weights, our runs, the peer arm); `audit_usage` measures which codes the model actually picks on audio,
 which tells a dead code from one merely below the threshold.
+
+Where it does not apply: `quantizer: dac` and `simvq` learn their codebooks by gradient and keep no EMA statistics,
+so `audit` refuses their checkpoints; `audit_usage` works on any codec (their dead codes come from a reporting EMA
+of code counts, `quantization.CodeUsage`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pandas as pd
 import soundfile as sf
 import torch
 
-from studylib.codec import Codec, CodecConfig
+from studylib.codec import EMA_QUANTIZERS, Codec, CodecConfig
 from studylib.corpus import SPLITS, CorpusError, load_manifest
 from studylib.metrics import utilization
 from studylib.quantization import nominal_kbps
@@ -221,6 +225,9 @@ def audit(checkpoint: str | Path, audio: Iterable[torch.Tensor] | str | Path | N
     """Audit a run's checkpoint or an EnCodec state dict; with `audio` (waveforms or a manifest, see
     `audit_usage`) also measure code use. frames_per_step defaults to the run's own (None for EnCodec's)."""
     state_dict, config, source, run_frames = load_codebook_checkpoint(checkpoint)
+    if config.quantizer not in EMA_QUANTIZERS:
+        raise ValueError(f"{checkpoint}: quantizer {config.quantizer!r} keeps no EMA statistics (its codebook is "
+                         "learned by gradient): nothing to audit; its code use on audio is `audit_usage`'s")
     try:
         levels = audit_state_dict(state_dict, threshold, frames_per_step or run_frames)
     except ValueError as e:

@@ -27,10 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studylib.factorized import FactorizedResidualVQ
 from studylib.quantization import ExpiryConfig, ResidualVectorQuantizer, nominal_kbps
 
 NORMS = ("weight_norm", "none")
-QUANTIZERS = ("ours", "vqtorch")
+QUANTIZERS = ("ours", "vqtorch", "dac", "simvq")
+# Codebooks that are EMA statistics (k-means init, dead-code expiry); "dac" (studylib.factorized) and "simvq"
+# (studylib.peer) learn theirs by gradient: no EMA, k-means or expiry, nothing to average across ranks or to audit.
+EMA_QUANTIZERS = ("ours", "vqtorch")
 PAD_MODES = ("reflect", "constant", "replicate")
 # "pytorch": every kernel as PyTorch draws it (EnCodec's models); "unit_gain": zero biases and kernels of
 # variance 1 / fan_in, so a fresh codec's latent and output follow its input (see `unit_gain_init_`).
@@ -76,6 +80,8 @@ class CodecConfig:
     target_bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)  # kbps
     # "vqtorch": the peer arm (studylib.peer), vector-quantize-pytorch's ResidualVQ with its own expiry at
     # expiry.threshold (absolute); the other expiry fields and init_fix do not apply to it.
+    # "dac": DAC's factorized RVQ (studylib.factorized); "simvq": the collapse-free peer (studylib.peer). Neither
+    # has an expiry (expiry.mode "none"): expiry.threshold and decay define only their reported dead codes.
     quantizer: str = "ours"
     init: str = "pytorch"  # INITS; the CPU presets (small, tiny) start with "unit_gain"
 
@@ -119,6 +125,8 @@ class CodecConfig:
             raise ValueError(f"init: got {self.init!r}, allowed {INITS}")
         if self.quantizer == "vqtorch" and self.expiry.threshold_kind != "absolute":
             raise ValueError("expiry: the vqtorch quantizer allows only an absolute threshold (its own expiry)")
+        if self.quantizer not in EMA_QUANTIZERS:
+            self._check_gradient_quantizer()
         per_q = self.bandwidth_per_quantizer
         bws = self.target_bandwidths
         # Each target must buy at least one level and at most n_q of them (EnCodec floors bw / per_q).
@@ -130,6 +138,18 @@ class CodecConfig:
                 f"target_bandwidths: got {bws!r}, allowed a non-empty increasing sequence of kbps in "
                 f"[{per_q}, {self.n_q * per_q}] (one to n_q={self.n_q} levels of {per_q} kbps)"
             )
+
+    def _check_gradient_quantizer(self) -> None:
+        """One-line errors, in TrainConfig's key names, for the options that do not apply to dac / simvq."""
+        expiry, q = self.expiry, self.quantizer
+        if expiry.mode != "none":
+            raise ValueError(f"expiry_mode: got {expiry.mode!r} with quantizer {q!r}, allowed 'none' (no expiry: its "
+                             "codebook is learned by gradient; expiry_threshold sets its reported dead codes)")
+        unused = {"expiry_threshold_kind": expiry.threshold_kind != "absolute", "expiry_every": expiry.every != 1,
+                  "expiry_replaced_usage": expiry.replaced_usage is not None, "init_fix": self.init_fix is not None,
+                  "detach_residual": q == "dac" and self.detach_residual}  # DAC's residual is not detached
+        if names := [name for name, changed in unused.items() if changed]:
+            raise ValueError(f"{', '.join(names)}: do not apply to quantizer {q!r}; leave them at their defaults")
 
     @property
     def hop_length(self) -> int:
@@ -409,14 +429,21 @@ def full_precision(device_type: str) -> torch.autocast:
 
 
 def _peer_quantizer(config: CodecConfig, generator: torch.Generator | None) -> nn.Module:
-    """The peer arm's RVQ, imported only when asked for (vector-quantize-pytorch pulls in einx and loguru)."""
+    """A peer arm's RVQ (vqtorch or simvq), imported only when asked for (vector-quantize-pytorch pulls in einx
+    and loguru)."""
     try:
-        from studylib.peer import PeerResidualVQ
+        from studylib.peer import PeerResidualVQ, SimResidualVQ
     except ModuleNotFoundError as e:
         if e.name != "vector_quantize_pytorch":
             raise
-        raise ImportError("quantizer='vqtorch' needs vector-quantize-pytorch: "
+        raise ImportError(f"quantizer={config.quantizer!r} needs vector-quantize-pytorch: "
                           "pip install vector-quantize-pytorch==1.32.0") from e
+    if config.quantizer == "simvq":
+        return SimResidualVQ(
+            dimension=config.dimension, n_q=config.n_q, bins=config.bins, quantizer_dropout=config.quantizer_dropout,
+            detach_residual=config.detach_residual, generator=generator, decay=config.decay,
+            threshold=config.expiry.threshold,
+        )
     return PeerResidualVQ(
         dimension=config.dimension, n_q=config.n_q, bins=config.bins, decay=config.decay,
         kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters,
@@ -425,27 +452,35 @@ def _peer_quantizer(config: CodecConfig, generator: torch.Generator | None) -> n
     )
 
 
-class Codec(nn.Module):
-    """SEANet encoder -> residual VQ (ours, or the peer arm when config.quantizer == "vqtorch") -> SEANet
-    decoder.
+def build_quantizer(config: CodecConfig, generator: torch.Generator | None = None) -> nn.Module:
+    """The RVQ that `config.quantizer` names: x [B, D, F] -> `QuantizedResult`, with encode / decode."""
+    if config.quantizer in ("vqtorch", "simvq"):
+        return _peer_quantizer(config, generator)
+    if config.quantizer == "dac":
+        return FactorizedResidualVQ(
+            dimension=config.dimension, n_q=config.n_q, bins=config.bins, quantizer_dropout=config.quantizer_dropout,
+            generator=generator, decay=config.decay, threshold=config.expiry.threshold,
+        )
+    return ResidualVectorQuantizer(
+        dimension=config.dimension, n_q=config.n_q, bins=config.bins, decay=config.decay,
+        kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters, expiry=config.expiry,
+        quantizer_dropout=config.quantizer_dropout, detach_residual=config.detach_residual,
+        generator=generator, init_fix=config.init_fix,
+    )
 
-    `generator` seeds the quantizer's random draws (k-means seeding, dead-code replacement, dropout);
-    None uses the global RNG exactly as EnCodec does.
+
+class Codec(nn.Module):
+    """SEANet encoder -> residual VQ (`build_quantizer`: ours, a peer arm, or DAC's) -> SEANet decoder.
+
+    `generator` seeds the quantizer's random draws (k-means seeding, dead-code replacement, dropout, the initial
+    parameters of dac / simvq); None uses the global RNG exactly as EnCodec does.
     """
 
     def __init__(self, config: CodecConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = config
         self.encoder = SEANetEncoder(config)
-        if config.quantizer == "vqtorch":
-            self.quantizer = _peer_quantizer(config, generator)
-        else:
-            self.quantizer = ResidualVectorQuantizer(
-                dimension=config.dimension, n_q=config.n_q, bins=config.bins, decay=config.decay,
-                kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters, expiry=config.expiry,
-                quantizer_dropout=config.quantizer_dropout, detach_residual=config.detach_residual,
-                generator=generator, init_fix=config.init_fix,
-            )
+        self.quantizer = build_quantizer(config, generator)
         self.decoder = SEANetDecoder(config)
         if config.init == "unit_gain":
             unit_gain_init_(self.encoder)

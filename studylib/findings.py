@@ -29,7 +29,14 @@ HEADLINE_SCALES = ("cpu", "long")
 HEADLINE_METRICS = [("si_sdr_db", "SI-SDR (dB)", 2), ("mel_distance", "mel distance", 3), ("visqol", "ViSQOL", 2),
                     ("usage", "code usage", 3), ("perplexity_l0", "level-0 perplexity", 0),
                     ("entropy_kbps", "entropy kbps", 2)]
-ARM_ORDER = ["none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch", "opus"]
+ARM_ORDER = ["none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch", "dac", "simvq", "opus"]
+# Issue 20: fix the expiry (fixed_rel), or switch to a quantizer without EMA and expiry? Compared seed by seed with
+# these baselines at these bandwidths (those a scale evaluated).
+ALTERNATIVES = ("dac", "simvq")
+ALTERNATIVE_BASELINES = ("none", "fixed_rel")
+ALTERNATIVE_KBPS = (1.5, 6.0, 24.0)
+HIGHER_IS_BETTER = {"si_sdr_db": True, "mel_distance": False, "visqol": True, "usage": True, "perplexity_l0": True,
+                    "entropy_kbps": True}
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 # The EnCodec paper's streamable 24 kHz model at 6 kbps (Défossez et al. 2022, table 1): a far anchor on
 # other data with a far larger model, not a target.
@@ -113,9 +120,10 @@ def headline(summary: pd.DataFrame, scale: str, focus_kbps: float = 6.0) -> pd.D
 
 
 def paired_differences(summary: pd.DataFrame, scale: str, focus_kbps: float = 6.0,
-                       baseline: str = "none") -> pd.DataFrame:
+                       baseline: str = "none", ratios: tuple[str, ...] = ()) -> pd.DataFrame:
     """Each arm minus `baseline`, seed by seed (same seed: same initial weights and data order), at
-    `focus_kbps`: mean and 95 % CI of the differences, and how many seeds pair up."""
+    `focus_kbps`: mean and 95 % CI of the differences (`d_<metric>`), of the ratios arm / baseline of the columns
+    `ratios` (`r_<column>`), and how many seeds pair up."""
     at = final_rows(summary, scale, focus_kbps)
     base = at[at.arm == baseline].set_index("seed")
     rows = []
@@ -126,8 +134,67 @@ def paired_differences(summary: pd.DataFrame, scale: str, focus_kbps: float = 6.
         for metric, _, _ in HEADLINE_METRICS:
             diffs = [other.loc[s, metric] - base.loc[s, metric] for s in seeds]
             row[f"d_{metric}"], row[f"d_{metric}_ci95"] = reports.t_ci95(diffs)
+        for column in ratios:
+            row[f"r_{column}"], row[f"r_{column}_ci95"] = reports.t_ci95(
+                [other.loc[s, column] / base.loc[s, column] for s in seeds])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def alternatives(summary: pd.DataFrame, scale: str, arms: tuple[str, ...] = ALTERNATIVES,
+                 baselines: tuple[str, ...] = ALTERNATIVE_BASELINES,
+                 bandwidths: tuple[float, ...] = ALTERNATIVE_KBPS) -> pd.DataFrame:
+    """Issue 20's table: each alternative design (`arms`) minus each of `baselines` (no expiry; the fixed expiry),
+    paired by seed, at each of `bandwidths` the scale evaluated (nominal bitrates are equal: same levels, 10 bits
+    each): `paired_differences`' columns plus `r_train_minutes`, the training's cost as a ratio of minutes (the
+    same steps, machine and concurrency in one `make study`). One row per kbps x baseline x arm."""
+    at = summary[summary.scale == scale]
+    frames = []
+    for kbps in [b for b in bandwidths if b in set(at.bandwidth_kbps)]:
+        for baseline in baselines:
+            diffs = paired_differences(summary, scale, kbps, baseline, ratios=("train_minutes",))
+            frames.append(diffs[diffs.arm.isin(arms)].assign(kbps=kbps))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _reading(d: float, half: float, higher_is_better: bool) -> str:
+    """What a paired difference says: better / worse where its 95 % CI excludes 0."""
+    if not math.isfinite(d):
+        return "not measured"
+    if not math.isfinite(half):
+        return "one seed: no interval"
+    if abs(d) <= half:
+        return "no resolved difference"
+    return "better" if (d > 0) == higher_is_better else "worse"
+
+
+def answer(table: pd.DataFrame, arm: str, kbps: float, versus: str = "fixed_rel") -> str:
+    """The issue's question for one alternative at one bitrate, from `alternatives`' table, in one sentence: does
+    switching to `arm` beat fixing the expiry (`versus`) on audio quality (SI-SDR and mel distance, paired by
+    seed), and what does it do to code use and training time? Says so whichever way the numbers fall."""
+    rows = table[(table.arm == arm) & (table.kbps == kbps) & (table.baseline == versus)] if len(table) else table
+    if not len(rows):
+        return f"{arm} vs {versus} at {kbps:g} kbps: no paired runs"
+    row = rows.iloc[0]
+    reading = {m: _reading(row[f"d_{m}"], row[f"d_{m}_ci95"], HIGHER_IS_BETTER[m]) for m, _, _ in HEADLINE_METRICS}
+    quality = {reading["si_sdr_db"], reading["mel_distance"]} - {"no resolved difference"}
+    if quality & {"one seed: no interval", "not measured"}:
+        conclusion = "too few paired seeds for an interval: no verdict on quality"
+    elif quality == {"better"}:
+        conclusion = f"switching to {arm} beats fixing the expiry"
+    elif quality == {"worse"}:
+        conclusion = f"fixing the expiry beats switching to {arm}"
+    elif quality == {"better", "worse"}:
+        conclusion = f"{arm} and the fixed expiry trade SI-SDR against mel distance"
+    else:
+        conclusion = f"no resolved difference in quality between {arm} and the fixed expiry"
+    details = ", ".join(f"{label} {row[f'd_{m}']:+.{digits}f}"
+                        + (f" ± {row[f'd_{m}_ci95']:.{digits}f}" if math.isfinite(row[f"d_{m}_ci95"]) else "")
+                        + f" ({reading[m]})" for m, label, digits in HEADLINE_METRICS if math.isfinite(row[f"d_{m}"]))
+    cost = reports.format_ci(row.r_train_minutes, row.r_train_minutes_ci95, 2) if "r_train_minutes" in row else "–"
+    return (f"{arm} vs {versus} at {kbps:g} kbps ({int(row.paired_seeds)} paired seeds): {conclusion}; "
+            f"{details}; training time x{cost}")
 
 
 PAIRED_METRICS = ("si_sdr_db", "mel_distance", "usage", "entropy_kbps")

@@ -1,6 +1,7 @@
-"""The peer arm: lucidrains' vector-quantize-pytorch `ResidualVQ` behind our quantizer's interface.
+"""The peer arms: lucidrains' vector-quantize-pytorch behind our quantizer's interface, `ResidualVQ` (vqtorch) and
+SimVQ (simvq, below).
 
-Why: the study sets EnCodec's expiry (buggy and fixed, `studylib.quantization`) against an independent,
+Why `ResidualVQ`: the study sets EnCodec's expiry (buggy and fixed, `studylib.quantization`) against an independent,
 maintained implementation whose replacement survives the EMA by construction: its `replace` resets
 ``embed``, ``cluster_size`` and ``embed_avg`` together, after the EMA update. Everything else is held
 equal to our codebook so that only the codebook dynamics differ: EMA codebooks (decay 0.99, epsilon
@@ -19,17 +20,44 @@ encoder; as in our RVQ, the output is then made straight-through as a whole.
 
 Distributed: the library decides at construction (``sync_codebook`` = is_distributed()): counts and sums
 are SUM-all-reduced, k-means and replacement frames are drawn across ranks.
+
+The collapse-free peer (`quantizer: simvq`, `SimResidualVQ`): the library's SimVQ (Zhu et al. 2024,
+arXiv:2411.02038), whose codes are a learned linear map W of a frozen Gaussian basis C (codes = C W^T, C of std
+dim^-0.5): every gradient step on W moves every code, used or not, which is how it avoids collapse without EMA,
+k-means or expiry. Losses per level: codebook MSE(sg(z), q) x 1.0 + commitment MSE(z, sg(q)) x 0.25 (the same
+weights as DAC), averaged over the levels as our other arms average theirs; plain straight-through (the paper's;
+the library's default rotation trick is switched off, as for the vqtorch peer), so the encoder's gradient is
+the other arms'. Dead codes are reported from a `CodeUsage` EMA, as for `quantizer: dac`.
+
+Why SimVQ and not FSQ (`ResidualFSQ`), the issue's other candidate:
+* SimVQ works in the other arms' code space: per level 1024 codes of the full 128-dim residual, 10 whole bits,
+  so "equal nominal bitrate" is exactly equal, and nearest code, straight-through and residual are ours; the one
+  difference is how the codebook is parametrised, which is the mechanism the comparison is about.
+* `ResidualFSQ` (1.32.0) projects the latent to len(levels) = 4 dims shared by every level and scales level i's
+  grid by levels^-i: in float32 its residual stops shrinking after about 12 levels (measured on random latents,
+  levels [8, 5, 5, 5]: RMS error 1.6e-6 after 8 levels, 3.3e-8 after 12, 16 or 32), so at 12 and 24 kbps its
+  deeper levels quantize rounding error and the 24 kbps comparison would measure float32, not the design; and
+  [8, 5, 5, 5] = 1000 codes is 9.97 bits a level, under the others' 10.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from vector_quantize_pytorch import ResidualVQ
+from vector_quantize_pytorch import ResidualSimVQ, ResidualVQ
 from vector_quantize_pytorch.residual_vq import frac_gradient
+from vector_quantize_pytorch.sim_vq import SimVQ
 from vector_quantize_pytorch.vector_quantize_pytorch import Codebook
 
-from studylib.quantization import LevelSchedule, QuantizedResult, codebook_metrics, nominal_kbps
+from studylib.quantization import (
+    CodeUsage,
+    LevelSchedule,
+    QuantizedResult,
+    ReportsUsage,
+    codebook_metrics,
+    drawn_from,
+    nominal_kbps,
+)
 
 
 class PeerCodebook(Codebook):
@@ -61,7 +89,43 @@ class PeerCodebook(Codebook):
         self.replaced_total += (self.cluster_size != before).sum()
 
 
-class PeerResidualVQ(LevelSchedule, nn.Module):
+class LibraryResidual(LevelSchedule, nn.Module):
+    """What both peers share: `ResidualVQ.forward`'s per-level loop over the first n_q levels of ``self.rvq``
+    (whose layers return (quantized, indices, loss), channel-last) and our metrics. Subclasses build ``rvq`` and
+    say what `codebooks` are."""
+
+    rvq: nn.Module
+    detach_residual: bool
+
+    @property
+    def codebooks(self) -> list:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> QuantizedResult:
+        n_q = self.levels_for_step(frame_rate, bandwidth)
+        replaced_before = [cb.replaced_total.clone() for cb in self.codebooks[:n_q]] if self.training else []
+
+        x_last = x.transpose(1, 2)  # [B, T, D]: the library is channel-last
+        quantized_out, residual = torch.zeros_like(x_last), x_last
+        codes, losses = [], []
+        for layer in self.rvq.layers[:n_q]:  # ResidualVQ.forward's loop, first n_q levels
+            quantized, indices, loss = layer(residual)
+            residual = residual - frac_gradient(quantized, 0.0 if self.detach_residual else 1.0)
+            quantized_out = quantized_out + quantized
+            codes.append(indices)
+            losses.append(loss)
+        if self.training and self.detach_residual:
+            quantized_out = x_last + (quantized_out - x_last).detach()
+
+        codes_t = torch.stack(codes)  # [n_q, B, T]
+        # Our metric code run on the library's codebooks, so every arm reports by the same definitions.
+        metrics = codebook_metrics(self.codebooks, codes_t, self.bins, replaced_before) if self.training else {}
+        bw = torch.tensor(nominal_kbps(n_q, self.bins, frame_rate)).to(x)
+        return QuantizedResult(quantized_out.transpose(1, 2), codes_t, bw, penalty=torch.stack(losses).mean(),
+                               metrics=metrics)
+
+
+class PeerResidualVQ(LibraryResidual):
     """`vector_quantize_pytorch.ResidualVQ` (EMA, k-means init, its own expiry) with the interface of
     `studylib.quantization.ResidualVectorQuantizer`: x [B, D, T] in, `QuantizedResult` out.
 
@@ -105,29 +169,6 @@ class PeerResidualVQ(LevelSchedule, nn.Module):
     def codebooks(self) -> list[PeerCodebook]:
         return [layer._codebook for layer in self.rvq.layers]
 
-    def forward(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> QuantizedResult:
-        n_q = self.levels_for_step(frame_rate, bandwidth)
-        replaced_before = [cb.replaced_total.clone() for cb in self.codebooks[:n_q]] if self.training else []
-
-        x_last = x.transpose(1, 2)  # [B, T, D]: the library is channel-last
-        quantized_out, residual = torch.zeros_like(x_last), x_last
-        codes, losses = [], []
-        for layer in self.rvq.layers[:n_q]:  # ResidualVQ.forward's loop, first n_q levels
-            quantized, indices, loss = layer(residual)
-            residual = residual - frac_gradient(quantized, self.rvq.quant_grad_frac)
-            quantized_out = quantized_out + quantized
-            codes.append(indices)
-            losses.append(loss)
-        if self.training and self.detach_residual:
-            quantized_out = x_last + (quantized_out - x_last).detach()
-
-        codes_t = torch.stack(codes)  # [n_q, B, T]
-        # Our metric code run on the library's codebooks, so both arms report by the same definitions.
-        metrics = codebook_metrics(self.codebooks, codes_t, self.bins, replaced_before) if self.training else {}
-        bw = torch.tensor(nominal_kbps(n_q, self.bins, frame_rate)).to(x)
-        return QuantizedResult(quantized_out.transpose(1, 2), codes_t, bw, penalty=torch.stack(losses).mean(),
-                               metrics=metrics)
-
     @torch.no_grad()
     def encode(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> torch.Tensor:
         """x [B, D, T] -> codes [n_q, B, T], leaving the codebooks as they are."""
@@ -161,3 +202,75 @@ class PeerResidualVQ(LevelSchedule, nn.Module):
         torch.set_rng_state(state["cpu_rng"])
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+# ------------------------------------------------------------------------------ the collapse-free peer
+
+
+class SimCodebook(ReportsUsage, SimVQ):
+    """The library's SimVQ level plus a reporting `CodeUsage` (counted in training forwards only); `adopt`
+    re-classes the levels `ResidualSimVQ` built, so the library's code and parameters stay its own."""
+
+    @classmethod
+    def adopt(cls, layer: SimVQ, decay: float, threshold: float) -> SimCodebook:
+        layer.__class__ = cls
+        layer.usage = CodeUsage(layer.codebook_size, decay, threshold)
+        return layer
+
+    def code_vectors(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.codebook  # C W^T [K, D]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        quantized, indices, loss = SimVQ.forward(self, x)
+        if self.training:
+            self.usage.update(indices)
+        return quantized, indices, loss
+
+
+class SimResidualVQ(LibraryResidual):
+    """`vector_quantize_pytorch.ResidualSimVQ`'s levels (straight-through, no rotation trick) with the interface of
+    `studylib.quantization.ResidualVectorQuantizer`. `generator` seeds the frozen bases and W (see `drawn_from`)
+    and draws quantizer dropout; `decay` and `threshold` define the reported dead codes only. ``detach_residual``
+    as for `PeerResidualVQ` (the library's `ResidualSimVQ` always detaches; False here is EnCodec's residual,
+    the study's default for every arm)."""
+
+    def __init__(
+        self,
+        dimension: int = 128,
+        n_q: int = 32,
+        bins: int = 1024,
+        quantizer_dropout: bool = False,
+        detach_residual: bool = False,
+        generator: torch.Generator | None = None,
+        decay: float = 0.99,
+        threshold: float = 2.0,
+    ):
+        super().__init__()
+        if not isinstance(n_q, int) or n_q < 1:
+            raise ValueError(f"n_q: got {n_q!r}, allowed an integer >= 1")
+        self.dimension, self.n_q, self.bins = dimension, n_q, bins
+        self.quantizer_dropout, self.detach_residual = quantizer_dropout, detach_residual
+        self.generator = generator
+        with drawn_from(generator):
+            self.rvq = ResidualSimVQ(dim=dimension, num_quantizers=n_q, codebook_size=bins, rotation_trick=False)
+        for layer in self.rvq.layers:
+            SimCodebook.adopt(layer, decay, threshold)
+
+    @property
+    def codebooks(self) -> list[SimCodebook]:
+        return list(self.rvq.layers)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> torch.Tensor:
+        """x [B, D, T] -> codes [n_q, B, T] (the library's lookup; nothing counted)."""
+        residual, codes = x.transpose(1, 2), []
+        for layer in self.rvq.layers[: self.get_num_quantizers_for_bandwidth(frame_rate, bandwidth)]:
+            quantized, indices, _ = SimVQ.forward(layer, residual)
+            residual = residual - quantized
+            codes.append(indices)
+        return torch.stack(codes)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [n_q, B, T] -> quantized [B, D, T]."""
+        return sum(layer.indices_to_codes(indices) for layer, indices in zip(self.rvq.layers, codes)).transpose(1, 2)

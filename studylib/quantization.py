@@ -26,7 +26,9 @@ with ``strict=True``.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -439,6 +441,79 @@ class LevelSchedule:
         if self.training and self.quantizer_dropout:
             n_q = int(torch.randint(1, n_q + 1, (1,), generator=self.generator))
         return n_q
+
+    def resume_state(self) -> dict:
+        """What a checkpoint needs beyond state_dict() to resume exactly when the dropout draw is the quantizer's
+        only random state (dac, simvq); the EMA quantizers add their own."""
+        return {"generator": self.generator.get_state() if self.generator is not None else None}
+
+    def load_resume_state(self, state: dict) -> None:
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
+
+
+# ------------------------------------------------------- codebooks learned by gradient (dac, simvq)
+
+
+class CodeUsage(nn.Module):
+    """Reporting only: an EMA (decay 0.99) of each code's count per training batch, for quantizers whose codebook
+    is learned by gradient and keeps no EMA statistics (`studylib.factorized`, the SimVQ peer), so that their
+    ``dead_l{i}`` means what it means for the EMA arms: a code whose EMA count is below the threshold (EnCodec's
+    2). Nothing in a forward reads it. ``counts`` is persistent, so a checkpoint's evaluation reports the same
+    dead codes and a resumed run continues it; it starts at 0 (every code "dead" until used)."""
+
+    def __init__(self, bins: int, decay: float = 0.99, threshold: float = 2.0):
+        super().__init__()
+        self.bins, self.decay, self.threshold = bins, float(decay), float(threshold)
+        self.register_buffer("counts", torch.zeros(bins))
+        # nothing is ever replaced; kept so that `codebook_metrics` and the training loop read every arm alike
+        self.register_buffer("replaced_total", torch.zeros((), dtype=torch.long), persistent=False)
+
+    @torch.no_grad()
+    def update(self, codes: torch.Tensor) -> None:
+        """One training batch's codes (any shape) into the EMA."""
+        _ema_(self.counts, torch.bincount(codes.reshape(-1), minlength=self.bins).to(self.counts.dtype), self.decay)
+
+    def dead_mask(self) -> torch.Tensor:
+        """Codes whose EMA count is below the threshold -> bool [K]."""
+        return self.counts < self.threshold
+
+
+class ReportsUsage:
+    """Mixin for one level of a gradient-learned quantizer: what the training loop and `codebook_metrics` read of a
+    codebook (`dead_mask()`, ``replaced_total``, ``embed``, checked for NaN), from its ``usage`` (a `CodeUsage`)
+    and its `code_vectors()` [K, d]."""
+
+    usage: CodeUsage
+
+    def code_vectors(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.usage.dead_mask()
+
+    @property
+    def replaced_total(self) -> torch.Tensor:
+        return self.usage.replaced_total
+
+    @property
+    def embed(self) -> torch.Tensor:
+        return self.code_vectors()
+
+
+@contextlib.contextmanager
+def drawn_from(generator: torch.Generator | None) -> Iterator[None]:
+    """Parameters created inside draw from a seed taken from `generator`, and torch's global CPU RNG is left as
+    it was. Why: a quantizer with learned parameters built between the encoder and the decoder would otherwise
+    shift the decoder's initial weights, and arms compared seed by seed must start from the same encoder and
+    decoder. None: the global RNG, as everywhere in studylib."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)  # CPU only: the CUDA generators stay untouched
+        yield
 
 
 class ResidualVectorQuantizer(LevelSchedule, nn.Module):

@@ -23,7 +23,7 @@ STYLE = {"dpi": 110, "figsize": (7.5, 4.0)}
 # One colour per arm, the same in every figure of every report.
 ARM_COLORS = {
     "upstream": "#d62728", "none": "#7f7f7f", "fixed_abs2": "#ff7f0e", "fixed_rel": "#2ca02c",
-    "vqtorch": "#1f77b4", "opus": "#9467bd",
+    "vqtorch": "#1f77b4", "dac": "#8c564b", "simvq": "#e377c2", "opus": "#9467bd",
 }
 
 
@@ -196,6 +196,31 @@ def plot_rate_distortion(items: pd.DataFrame, metric: str, x: str = "nominal_kbp
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize="x-small")
     return ax
+
+
+def plot_alternatives(table: pd.DataFrame, metrics: Sequence[tuple[str, str]]):
+    """`findings.alternatives`' paired differences against bitrate: one panel per (metric, label), one line per
+    alternative (its colour) and baseline (solid: fixed_rel, dashed: none), 95 % CI bars over paired seeds; the
+    zero line is "no difference"."""
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(metrics))
+    rows_n = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, (metric, label) in zip(axes.flat, metrics):
+        for (arm, baseline), rows in table.sort_values("kbps").groupby(["arm", "baseline"], sort=False):
+            ax.errorbar(rows.kbps, rows[f"d_{metric}"], yerr=rows[f"d_{metric}_ci95"].fillna(0), marker="o",
+                        capsize=3, color=arm_color(arm), ls="-" if baseline == "fixed_rel" else "--",
+                        label=f"{arm} - {baseline}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(title=f"{label}: alternative - baseline", xlabel="nominal kbps", xscale="log")
+        ax.set_xticks(sorted(table.kbps.unique()), [f"{k:g}" for k in sorted(table.kbps.unique())])
+        ax.minorticks_off()
+    axes[0][0].legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
 
 
 def audio_player(path: str | Path, seconds: float | None = 3.0):

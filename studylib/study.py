@@ -179,6 +179,7 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
                only: list[str] | None = None, manifest: str | Path | None = None,
                data: str | Path = "data") -> StudyPlan:
     """Expand the grid of `scale` into cells and validate every one of them (StudyError otherwise)."""
+    from studylib.codec import EMA_QUANTIZERS
     from studylib.latents import expand_grid
     from studylib.train import NOT_HASHED
 
@@ -270,6 +271,11 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     if "05_codebook_audit" in notebooks:
         audit = dict(settings.get("audit") or {})
         audited = [codec_run("audit.arms", arm) for arm in audit.pop("arms", arms[:1])]
+        for cell in audited:  # the audit reads EMA statistics: dac and simvq keep none
+            quantizer = cfglib.read_overlay(params / "arms" / f"{cell.arm}.yaml").get("quantizer", "ours")
+            if quantizer not in EMA_QUANTIZERS:
+                raise StudyError(f"scales.{scale}.audit.arms: {cell.arm!r} (quantizer {quantizer!r}) keeps no EMA "
+                                 f"statistics to audit; allowed arms of the quantizers {EMA_QUANTIZERS}")
         cells.append(Cell("05_codebook_audit", "05_codebook_audit", {
             "runs": [c.name for c in audited], "official": str(OFFICIAL_ENCODEC), **audit,
         }, needs=tuple(c.name for c in audited)))

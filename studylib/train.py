@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from studylib import config as cfglib
 from studylib import distributed, locks, metrics
-from studylib.codec import QUANTIZERS, Codec, CodecConfig
+from studylib.codec import EMA_QUANTIZERS, QUANTIZERS, Codec, CodecConfig
 from studylib.config import UserError
 from studylib.data import AudioDataset, NonFiniteAudio
 from studylib.discriminator import MultiScaleSTFTDiscriminator, discriminator_step_loss, generator_losses
@@ -56,7 +56,10 @@ NOT_HASHED = ("run_dir", "progress", "compile", "milestones")
 class QuantizerFields:
     """The ablation axes shared by codec runs and quantizer-only runs (see quantization.ExpiryConfig)."""
 
-    quantizer: str = "ours"  # or "vqtorch": vector-quantize-pytorch's ResidualVQ, the peer arm
+    # or "vqtorch": vector-quantize-pytorch's ResidualVQ, the peer arm; "dac": DAC's factorized RVQ; "simvq": the
+    # collapse-free peer (codec.QUANTIZERS; for dac and simvq expiry_mode is "none" and only expiry_threshold and
+    # decay apply, to their reported dead codes)
+    quantizer: str = "ours"
     expiry_mode: str = "upstream"
     expiry_threshold: float = 2.0
     expiry_threshold_kind: str = "absolute"
@@ -621,8 +624,9 @@ def _average_codebooks(model: Codec, world: int) -> None:
     is exact only for n a power of two: so for 2 ranks (x + x) always, for 4 or 8 when the sum is taken
     pairwise; not for 3, 5 or 6 ranks (3x rounds), nor for 8 summed one rank at a time (float32 running
     sums of equal values: exact for 2 and 4 terms, last bit off for 3, 5, 6 and 8)."""
-    for cb in model.quantizer.codebooks:
-        for buf in (cb.cluster_size, cb.embed, cb.embed_avg):
+    ema = model.config.quantizer in EMA_QUANTIZERS  # dac, simvq: codebooks are parameters, averaged as gradients;
+    for cb in model.quantizer.codebooks:  # their reporting EMA of code counts is averaged like cluster_size
+        for buf in (cb.cluster_size, cb.embed, cb.embed_avg) if ema else (cb.usage.counts,):
             distributed.all_reduce_sum_(buf).div_(world)
 
 

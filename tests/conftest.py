@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -91,3 +92,25 @@ def ci_data(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("ci_data")
     build_corpus("ci", data, jobs=os.cpu_count())
     return data
+
+
+def train_killed_then_resumed(cfg, kill_at_step: int, monkeypatch) -> Path:
+    """Train `cfg` until step `kill_at_step` (0-based) raises KeyboardInterrupt, check the run is recorded as failed,
+    then train it again from its last checkpoint; returns the run folder of the completed run."""
+    from studylib import train as trainlib
+
+    real_batch = trainlib._train_batch
+
+    def killed(dataset, cfg_, step, rank):
+        if step == kill_at_step:
+            raise KeyboardInterrupt("simulated kill")
+        return real_batch(dataset, cfg_, step, rank)
+
+    monkeypatch.setattr(trainlib, "_train_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainlib.train(cfg)
+    manifest = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "simulated kill" in manifest["error"]
+    monkeypatch.setattr(trainlib, "_train_batch", real_batch)
+    assert trainlib.train(cfg).status == "complete"
+    return Path(cfg.run_dir)

@@ -71,3 +71,43 @@ def test_committed_summary_matches_the_committed_runs():
 def test_readme_headline_tables_agree_with_the_committed_summary(readme):
     summary = pd.read_csv(RESULTS / "summary.csv")
     assert findings.readme_block(readme) == findings.headline_markdown(summary, findings.HEADLINE_SCALES, 6.0), readme
+
+
+def alternatives_summary() -> pd.DataFrame:
+    """none and fixed_rel (3 seeds) and the alternatives: dac 3 seeds, +0.5 dB on fixed_rel at 6 kbps with the
+    same seed noise, 0.5 dB below it at 24 kbps, and at 1.5 kbps differences of either sign; simvq one seed."""
+    rows = []
+    for kbps in (1.5, 6.0, 24.0):
+        for arm, si_sdr, seeds, minutes in (("none", 3.0, (0, 1, 2), 10.0), ("fixed_rel", 3.5, (0, 1, 2), 10.0),
+                                            ("dac", {1.5: 3.5, 6.0: 4.0, 24.0: 3.0}[kbps], (0, 1, 2), 11.0),
+                                            ("simvq", 2.0, (0,), 12.0)):
+            for seed in seeds:
+                noise = (0.4, -0.2, 0.0)[seed] if (arm, kbps) == ("dac", 1.5) else (0.0, 0.2, -0.1)[seed]
+                rows.append({"scale": "cpu", "arm": arm, "seed": seed, "run": f"{arm}-s{seed}", "steps": 500,
+                             "final": True, "bandwidth_kbps": kbps,
+                             "si_sdr_db": si_sdr + noise, "mel_distance": 3.5 + 0.1 * seed, "usage": 0.5,
+                             "perplexity_l0": 100.0 + seed, "entropy_kbps": 0.8 * kbps, "train_minutes": minutes})
+    return pd.DataFrame(rows, columns=findings.COLUMNS)
+
+
+def test_alternatives_pair_each_design_with_each_baseline_at_each_bitrate():
+    table = findings.alternatives(alternatives_summary(), "cpu")
+    assert len(table) == 3 * 2 * 2  # kbps x baselines x arms
+    row = table[(table.arm == "dac") & (table.baseline == "fixed_rel") & (table.kbps == 6.0)].iloc[0]
+    assert row.paired_seeds == 3 and row.d_si_sdr_db == pytest.approx(0.5) and row.d_mel_distance == 0
+    assert row.r_train_minutes == pytest.approx(1.1)
+    sim = table[(table.arm == "simvq") & (table.baseline == "none") & (table.kbps == 1.5)].iloc[0]
+    assert sim.paired_seeds == 1 and sim.d_si_sdr_db == pytest.approx(-1.0) and math.isnan(sim.d_si_sdr_db_ci95)
+    assert findings.alternatives(alternatives_summary(), "gpu").empty
+
+
+def test_the_answer_says_which_way_the_numbers_fall():
+    table = findings.alternatives(alternatives_summary(), "cpu")
+    better = findings.answer(table, "dac", 6.0)
+    assert better.startswith("dac vs fixed_rel at 6 kbps (3 paired seeds): switching to dac beats fixing the expiry;")
+    assert "SI-SDR (dB) +0.50 ± 0.00 (better)" in better and "mel distance +0.000 ± 0.000 (no resolved" in better
+    assert better.endswith("training time x1.10 ± 0.00")
+    assert "fixing the expiry beats switching to dac" in findings.answer(table, "dac", 24.0)
+    assert "no resolved difference in quality between dac and the fixed expiry" in findings.answer(table, "dac", 1.5)
+    assert "no verdict on quality" in findings.answer(table, "simvq", 6.0)
+    assert findings.answer(table, "dac", 12.0) == "dac vs fixed_rel at 12 kbps: no paired runs"

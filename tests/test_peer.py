@@ -11,8 +11,10 @@ import torch
 
 pytest.importorskip("vector_quantize_pytorch")
 
+from vector_quantize_pytorch import ResidualSimVQ  # noqa: E402
+
 from studylib.codec import Codec, CodecConfig  # noqa: E402
-from studylib.peer import PeerResidualVQ  # noqa: E402
+from studylib.peer import PeerResidualVQ, SimResidualVQ  # noqa: E402
 from studylib.quantization import ResidualVectorQuantizer  # noqa: E402
 
 torch.set_flush_denormal(True)
@@ -129,3 +131,62 @@ def test_quantizer_config_is_checked(monkeypatch):
     monkeypatch.delitem(sys.modules, "studylib.peer")
     with pytest.raises(ImportError, match="pip install vector-quantize-pytorch"):
         Codec(dataclasses.replace(CodecConfig.tiny(), quantizer="vqtorch"))
+
+
+# ------------------------------------------------------------------------------ the collapse-free peer (simvq)
+
+
+def small_sim(**kwargs) -> SimResidualVQ:
+    return SimResidualVQ(**{"dimension": 8, "n_q": 4, "bins": 32, **kwargs}).train()
+
+
+def test_simvq_all_levels_match_the_library_forward():
+    """With the library's detached residual, our loop is ResidualSimVQ.forward's: same codes, losses and output."""
+    torch.manual_seed(0)
+    q = small_sim(detach_residual=True)
+    library = ResidualSimVQ(dim=8, num_quantizers=4, codebook_size=32, rotation_trick=False)
+    library.load_state_dict({k: v for k, v in q.rvq.state_dict().items() if not k.endswith("usage.counts")})
+    x = torch.randn(2, 8, 40)
+    out = q(x, 75.0)
+    quantized, indices, losses = library(x.transpose(1, 2))
+    assert torch.equal(out.codes, indices.permute(2, 0, 1))
+    assert torch.equal(out.penalty, losses.mean())  # codebook 1.0 + commitment 0.25 per level, mean over levels
+    torch.testing.assert_close(out.quantized, quantized.transpose(1, 2), rtol=0, atol=1e-6)
+    assert torch.equal(q.encode(x, 75.0), out.codes)
+
+
+def test_simvq_codes_move_only_through_the_learned_map_and_nothing_is_written_in_place():
+    torch.manual_seed(0)
+    q = small_sim()
+    tensors = dict(q.named_parameters()) | dict(q.named_buffers())
+    before = {name: (t.detach().clone(), t._version) for name, t in tensors.items()}
+    x = torch.randn(2, 8, 30, requires_grad=True)
+    out = q(x, 75.0)
+    maps = [layer.code_transform.weight for layer in q.rvq.layers]
+    cotangent = torch.randn_like(x)
+    from_output = torch.autograd.grad((out.quantized * cotangent).sum(), [x, *maps], retain_graph=True,
+                                      allow_unused=True)
+    assert torch.equal(from_output[0], cotangent)  # the encoder gets the decoder's gradient once, as in our RVQ
+    assert all(g is None or not g.any() for g in from_output[1:])  # straight-through: the codes learn from the loss
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(out.penalty, maps, retain_graph=True))
+    out.penalty.backward()
+    changed = {name for name, t in tensors.items()
+               if t._version != before[name][1] or not torch.equal(t.detach(), before[name][0])}
+    assert changed == {f"rvq.layers.{i}.usage.counts" for i in range(4)}  # the frozen bases stay frozen
+    assert [n for n, _ in q.named_buffers() if n.endswith("frozen_codebook")] == \
+        [f"rvq.layers.{i}.frozen_codebook" for i in range(4)]
+
+
+def test_simvq_reports_like_the_other_arms_at_whole_bits():
+    torch.manual_seed(0)
+    q = small_sim(n_q=8, bins=1024)
+    ours = ResidualVectorQuantizer(dimension=8, n_q=8, bins=1024, kmeans_iters=3)
+    assert q.get_bandwidth_per_quantizer(75.0) == ours.get_bandwidth_per_quantizer(75.0) == 0.75  # 10 bits
+    x = torch.randn(2, 8, 50)
+    out = q(x, 75.0, 6.0)
+    assert out.codes.shape[0] == 8 and out.bandwidth.item() == pytest.approx(6.0)
+    assert set(out.metrics) == set(ours.train()(x, 75.0, 6.0).metrics)
+    assert int(out.metrics["dead_l0"]) == int(q.codebooks[0].dead_mask().sum()) == 1024 - int(
+        (q.codebooks[0].usage.counts >= 2).sum())
+    codes = q.eval().encode(x, 75.0, 1.5)
+    assert codes.shape == (2, 2, 50) and q.decode(codes).shape == x.shape

@@ -57,7 +57,9 @@ def test_every_scale_expands_into_valid_runs(scale):
         assert cell.parameters["out_dir"] == str((Path("results") / scale / cell.name).resolve())
     codec = [c for c in plan.cells if c.notebook == "03_train_codec"]
     assert all(re.fullmatch(rf"runs/{c.arm}-[0-9a-f]{{10}}-s{c.seed}", c.name) for c in codec)
-    assert {c.arm for c in codec} == {"none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch"}
+    alternatives = {"dac", "simvq"} if scale != "gpu" else set()  # issue 20's arms: smoke and cpu grids
+    expected = {"none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch"} | alternatives
+    assert {c.arm for c in codec} == expected
     compare = next(c for c in plan.cells if c.notebook == "04_compare")
     assert compare.always and set(compare.needs) == set(names) - {compare.name}
     recipe = [c for c in plan.cells if c.notebook == "06_cpu_recipe"]
@@ -66,11 +68,17 @@ def test_every_scale_expands_into_valid_runs(scale):
         assert sorted(recipe[0].needs) == sorted(recipe[0].parameters["chosen_runs"]) == none_runs
 
 
-def test_the_cpu_scale_runs_three_seeds_per_expiry_arm_and_one_peer_run():
+def test_the_cpu_scale_runs_three_seeds_per_expiry_arm_and_dac_and_one_run_per_peer():
     codec = [c for c in study.plan_study("cpu").cells if c.notebook == "03_train_codec"]
     seeds = {arm: sorted(c.seed for c in codec if c.arm == arm) for arm in {c.arm for c in codec}}
     assert seeds == {"none": [0, 1, 2], "upstream": [0, 1, 2], "fixed_abs2": [0, 1, 2], "fixed_rel": [0, 1, 2],
-                     "vqtorch": [0]}
+                     "vqtorch": [0], "dac": [0, 1, 2], "simvq": [0]}
+
+
+def test_the_existing_cpu_runs_keep_their_names():
+    """New arms and quantizers must not change the config hash (the run folder) of the runs already on disk."""
+    planned = {c.name for c in study.plan_study("cpu").cells if c.notebook == "03_train_codec"}
+    assert {"runs/none-64401fb228-s0", "runs/fixed_rel-dd26a9991e-s2", "runs/vqtorch-1f3481f132-s0"} <= planned
 
 
 def test_only_selects_arms_and_notebooks_and_always_the_comparison():
@@ -96,9 +104,11 @@ def _params_copy(tmp_path: Path, edit) -> Path:
         (None, ["--gpus", "0,x"], "--gpus: got '0,x', allowed a comma-separated list"),
         (lambda t: t.replace("cell_timeout_s: 900", "cell_timout_s: 900"), [],
          "scales.smoke.cell_timout_s: unknown key; allowed keys: corpus, cell_timeout_s"),
-        (lambda t: t.replace("arms: [none, upstream, fixed_abs2, fixed_rel, vqtorch]\n      seeds: [0]\n      "
-                             "evaluate: {per_kind: 3", "arms: [none, fixd]\n      seeds: [0]\n      "
+        (lambda t: t.replace("arms: [none, upstream, fixed_abs2, fixed_rel, vqtorch, dac, simvq]\n      seeds: [0]\n"
+                             "      evaluate: {per_kind: 3", "arms: [none, fixd]\n      seeds: [0]\n      "
                              "evaluate: {per_kind: 3", 1), [], "scales.smoke.codec.arms: 'fixd' unknown; allowed"),
+        (lambda t: t.replace("audit: {arms: [upstream, fixed_rel]}", "audit: {arms: [upstream, dac]}", 1), [],
+         "scales.smoke.audit.arms: 'dac' (quantizer 'dac') keeps no EMA statistics to audit"),
         (lambda t: t.replace("expiry_every: [1, 5]}", "expiry_every: [0, 5]}", 1), [],
          "expiry_every: got 0, allowed an integer >= 1"),
         (lambda t: t.replace("kmeans_iters: 5, eval_frames", "kmeans_iters: 5, eval_frame", 1), [],
@@ -238,7 +248,7 @@ def test_index_links_every_report_and_every_link_resolves(smoke_study):
     assert not [h for h in local if h.endswith((".ipynb", ".log", ".pt"))]
     for name in study.NOTEBOOKS[:2] + study.NOTEBOOKS[3:]:
         assert f"smoke/{name}/report.html" in links
-    assert sum("smoke/runs/" in h and h.endswith("report.html") for h in links) == 5
+    assert sum("smoke/runs/" in h and h.endswith("report.html") for h in links) == 7
 
 
 def test_smoke_study_writes_tidy_tables(smoke_study):
@@ -256,7 +266,7 @@ def test_smoke_study_writes_tidy_tables(smoke_study):
     assert runs.cell.nunique() == 18 and set(runs.frames_per_step) == {600, 1200}
     summary = pd.read_csv(root / "04_compare" / "codec_summary.csv")
     assert {"arm", "kbps", "si_sdr", "si_sdr_ci95", "mel_distance", "usage", "perplexity", "ci_over"} <= set(summary)
-    assert {"upstream", "none", "fixed_abs2", "fixed_rel", "vqtorch"} <= set(summary.arm)
+    assert {"upstream", "none", "fixed_abs2", "fixed_rel", "vqtorch", "dac", "simvq"} <= set(summary.arm)
     audit = pd.read_csv(root / "05_codebook_audit" / "audit.csv")
     assert {"checkpoint", "level", "sum", "below", "dead_floor", "eval_usage"} <= set(audit)
 

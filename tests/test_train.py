@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE, SMOKE_RUN, smoke_config
+from conftest import ROOT, SMOKE, SMOKE_RUN, smoke_config, train_killed_then_resumed
 
 from studylib import train as trainlib
 
@@ -86,21 +86,7 @@ def test_same_config_and_seed_give_identical_metrics(reference_run, synthetic_ma
 
 def test_killed_run_resumes_to_the_same_result(reference_run, synthetic_manifest, tmp_path, monkeypatch):
     cfg = smoke_config(synthetic_manifest, tmp_path / "killed", **SMOKE_RUN)
-    real_batch = trainlib._train_batch
-
-    def killed_at_step_13(dataset, cfg_, step, rank):
-        if step == 13:
-            raise KeyboardInterrupt("simulated kill")
-        return real_batch(dataset, cfg_, step, rank)
-
-    monkeypatch.setattr(trainlib, "_train_batch", killed_at_step_13)
-    with pytest.raises(KeyboardInterrupt):
-        trainlib.train(cfg)
-    manifest = json.loads((cfg_dir := Path(cfg.run_dir)).joinpath("manifest.json").read_text())
-    assert manifest["status"] == "failed" and "simulated kill" in manifest["error"]
-    monkeypatch.setattr(trainlib, "_train_batch", real_batch)
-    run = trainlib.train(cfg)
-    assert run.status == "complete"
+    cfg_dir = train_killed_then_resumed(cfg, 13, monkeypatch)
     assert json.loads((cfg_dir / "manifest.json").read_text())["resumed_at_step"] == 10
     a, b = comparable(reference_run), comparable(cfg_dir)
     assert a[0].equals(b[0])
@@ -191,19 +177,7 @@ def test_recipe_run_logs_the_balancer_warmups_and_held_out_scores(recipe_run):
 def test_recipe_run_resumes_to_the_same_result(recipe_run, synthetic_manifest, tmp_path, monkeypatch):
     """Killed after the quantizer's warm-up (k-means at step 12) and resumed from step 10: same bits."""
     cfg = smoke_config(synthetic_manifest, tmp_path / "killed", **RECIPE)
-    real_batch = trainlib._train_batch
-
-    def killed_at_step_14(dataset, cfg_, step, rank):
-        if step == 14:
-            raise KeyboardInterrupt("simulated kill")
-        return real_batch(dataset, cfg_, step, rank)
-
-    monkeypatch.setattr(trainlib, "_train_batch", killed_at_step_14)
-    with pytest.raises(KeyboardInterrupt):
-        trainlib.train(cfg)
-    monkeypatch.setattr(trainlib, "_train_batch", real_batch)
-    assert trainlib.train(cfg).status == "complete"
-    a, b = comparable(recipe_run), comparable(Path(cfg.run_dir))
+    a, b = comparable(recipe_run), comparable(train_killed_then_resumed(cfg, 14, monkeypatch))
     assert a[0].equals(b[0])
     assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 

@@ -1,0 +1,165 @@
+"""DAC's factorized residual VQ (`quantizer: dac`): codebooks learned by gradient, with no EMA, k-means or expiry.
+
+Written here from the DAC paper (Kumar et al. 2023, arXiv:2306.06546, section 3.2 and its appendix) and the
+description of descript-audio-codec's quantizer in the study's anchors. Per level i, on the residual r_i [B, D, T]:
+
+    z_e  = in_proj(r_i)                       weight-normed 1x1 conv, D -> d (codebook_dim, 8)   [B, d, T]
+    code = argmax_k cos(z_e[:, t], e_k)       nearest code by cosine: both sides L2-normalised    [B, T]
+    z_q  = e_code                             the code's vector, *not* normalised                 [B, d, T]
+    codebook loss   = MSE(z_q, sg(z_e))       the only gradient the codebook gets
+    commitment loss = MSE(z_e, sg(z_q))       the in-projection's (and through it the encoder's)
+    out_i = out_proj(z_e + sg(z_q - z_e))     straight-through, weight-normed 1x1 conv d -> D    [B, D, T]
+    r_{i+1} = r_i - out_i                     the residual is not detached (as DAC)
+
+quantized = sum of out_i; penalty = 1.0 x codebook loss + 0.25 x commitment loss, summed over the levels used (DAC's
+weights and sum; the losses are on the unnormalised vectors, as DAC computes them: its issue #114 notes that the
+paper's appendix normalises them). The straight-through value is written z_q + (z_e - sg(z_e)): the same gradient,
+and a value exactly z_q, so a forward's residuals and output equal `encode` / `decode`'s bit for bit.
+
+Quantizer dropout. DAC gives a fraction (0.5) of the items of a batch a number of levels drawn uniformly in 1..N.
+Here the levels are drawn as the other arms draw them: the training loop picks one target bandwidth per batch
+(EnCodec's 1.5 to 24 kbps), which sets the levels by EnCodec's rule (`LevelSchedule`), and `quantizer_dropout`
+(off in the study, as for the other arms) draws uniformly below that, one draw per batch from `generator`.
+
+Dead codes are reported, never acted on: each level keeps a `CodeUsage` (EMA of per-code batch counts, decay 0.99,
+threshold 2) that only `dead_mask()` reads. No tensor of the quantizer is written in place by a training forward
+except that reporting EMA; the codebook changes only through the optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from studylib.quantization import (
+    CodeUsage,
+    LevelSchedule,
+    QuantizedResult,
+    ReportsUsage,
+    codebook_metrics,
+    drawn_from,
+    nominal_kbps,
+)
+
+
+@dataclass
+class LevelOutput:
+    """One level's forward: its output, codes and its two losses (kept apart so each gradient can be checked)."""
+
+    quantized: torch.Tensor  # [B, D, T]
+    codes: torch.Tensor  # [B, T]
+    codebook_loss: torch.Tensor  # MSE(z_q, sg(z_e)), scalar
+    commitment_loss: torch.Tensor  # MSE(z_e, sg(z_q)), scalar
+
+
+class FactorizedVQ(ReportsUsage, nn.Module):
+    """One DAC level: in_proj (D -> d), a codebook `nn.Embedding(bins, d)` searched by cosine, out_proj (d -> D)."""
+
+    def __init__(self, dimension: int, bins: int, codebook_dim: int, decay: float = 0.99, threshold: float = 2.0):
+        super().__init__()
+        self.in_proj = weight_norm(nn.Conv1d(dimension, codebook_dim, 1))
+        self.out_proj = weight_norm(nn.Conv1d(codebook_dim, dimension, 1))
+        self.codebook = nn.Embedding(bins, codebook_dim)
+        self.usage = CodeUsage(bins, decay, threshold)
+
+    def code_vectors(self) -> torch.Tensor:
+        return self.codebook.weight  # [K, d]
+
+    def nearest(self, z_e: torch.Tensor) -> torch.Tensor:
+        """Code of highest cosine similarity for each frame of z_e [B, d, T] -> [B, T]."""
+        frames = F.normalize(z_e.transpose(1, 2), dim=-1)  # [B, T, d]
+        return (frames @ F.normalize(self.codebook.weight, dim=-1).t()).argmax(dim=-1)  # [B, T, K] -> [B, T]
+
+    def encode(self, residual: torch.Tensor) -> torch.Tensor:
+        """residual [B, D, T] -> codes [B, T]."""
+        return self.nearest(self.in_proj(residual))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, T] -> [B, D, T]."""
+        return self.out_proj(self.codebook(codes).transpose(1, 2))
+
+    def forward(self, residual: torch.Tensor) -> LevelOutput:
+        z_e = self.in_proj(residual)  # [B, d, T]
+        codes = self.nearest(z_e.detach())
+        z_q = self.codebook(codes).transpose(1, 2)  # [B, d, T]
+        codebook_loss = F.mse_loss(z_q, z_e.detach())
+        commitment_loss = F.mse_loss(z_e, z_q.detach())
+        straight_through = z_q.detach() + (z_e - z_e.detach())  # value z_q exactly, gradient to z_e
+        if self.training:
+            self.usage.update(codes)
+        return LevelOutput(self.out_proj(straight_through), codes, codebook_loss, commitment_loss)
+
+
+class FactorizedResidualVQ(LevelSchedule, nn.Module):
+    """DAC's residual VQ with the interface of `studylib.quantization.ResidualVectorQuantizer`: x [B, D, T] in,
+    `QuantizedResult` out; `layers[i]` is level i (`in_proj`, `codebook`, `out_proj`).
+
+    `generator` seeds the initial parameters (see `drawn_from`: the codec's decoder starts as in the other arms)
+    and the quantizer-dropout draws. `decay` and `threshold` define the reported dead codes only.
+    """
+
+    def __init__(
+        self,
+        dimension: int = 128,
+        n_q: int = 32,
+        bins: int = 1024,
+        codebook_dim: int = 8,
+        quantizer_dropout: bool = False,
+        generator: torch.Generator | None = None,
+        codebook_weight: float = 1.0,
+        commitment_weight: float = 0.25,
+        decay: float = 0.99,
+        threshold: float = 2.0,
+    ):
+        super().__init__()
+        for name, value in (("dimension", dimension), ("n_q", n_q), ("bins", bins), ("codebook_dim", codebook_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: got {value!r}, allowed an integer >= 1")
+        self.dimension, self.n_q, self.bins, self.codebook_dim = dimension, n_q, bins, codebook_dim
+        self.quantizer_dropout, self.generator = quantizer_dropout, generator
+        self.codebook_weight, self.commitment_weight = codebook_weight, commitment_weight
+        with drawn_from(generator):
+            self.layers = nn.ModuleList(FactorizedVQ(dimension, bins, codebook_dim, decay, threshold)
+                                        for _ in range(n_q))
+
+    @property
+    def codebooks(self) -> list[FactorizedVQ]:
+        """The levels: what the training loop reads of a codebook (`dead_mask()`, replaced_total, embed)."""
+        return list(self.layers)
+
+    def forward(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> QuantizedResult:
+        n_q = self.levels_for_step(frame_rate, bandwidth)
+        quantized_out, residual = torch.zeros_like(x), x
+        codes, penalty = [], x.new_zeros(())
+        for layer in self.layers[:n_q]:
+            out = layer(residual)
+            residual = residual - out.quantized
+            quantized_out = quantized_out + out.quantized
+            codes.append(out.codes)
+            penalty = penalty + self.codebook_weight * out.codebook_loss + self.commitment_weight * out.commitment_loss
+        codes_t = torch.stack(codes)  # [n_q, B, T]
+        metrics = {}
+        if self.training:
+            nothing_replaced = [cb.replaced_total for cb in self.codebooks[:n_q]]
+            metrics = codebook_metrics(self.codebooks, codes_t, self.bins, nothing_replaced)
+        bw = torch.tensor(nominal_kbps(n_q, self.bins, frame_rate)).to(x)
+        return QuantizedResult(quantized_out, codes_t, bw, penalty=penalty if self.training else x.new_zeros(()),
+                               metrics=metrics)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, frame_rate: float, bandwidth: float | None = None) -> torch.Tensor:
+        """x [B, D, T] -> codes [n_q, B, T]."""
+        residual, codes = x, []
+        for layer in self.layers[: self.get_num_quantizers_for_bandwidth(frame_rate, bandwidth)]:
+            indices = layer.encode(residual)
+            residual = residual - layer.decode(indices)
+            codes.append(indices)
+        return torch.stack(codes)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [n_q, B, T] -> quantized [B, D, T]."""
+        return sum(layer.decode(indices) for layer, indices in zip(self.layers, codes))
