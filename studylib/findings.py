@@ -297,3 +297,36 @@ def cli(argv: list[str]) -> int:
     path = write_findings(args.results, tuple(args.scales or HEADLINE_SCALES), args.focus_kbps)
     print(f"wrote {path}")
     return 0
+
+
+# The speed work's adoption rule (issue 17): a faster execution setting replaces fp32 eager at a scale only if every
+# paired difference of these metrics is within its tolerance or its 95 % interval covers 0.
+EQUIVALENCE_TOLERANCE = {"si_sdr_db": 0.3, "mel_distance": 0.03}
+EQUIVALENCE_METRICS = ("si_sdr_db", "mel_distance", "perplexity_l0", "usage")
+
+
+def equivalence(baseline: pd.DataFrame, candidate: pd.DataFrame, arms: tuple[str, ...] = ("none", "fixed_rel"),
+                bandwidths: tuple[float, ...] = (1.5, 6.0, 24.0),
+                metrics: tuple[str, ...] = EQUIVALENCE_METRICS) -> pd.DataFrame:
+    """Candidate minus baseline (two sets of summary.csv rows of the same scale, e.g. before and after a change of
+    how runs execute), paired by arm and seed, final evaluations only: one row per arm x bandwidth x metric with
+    the mean difference, its 95 % t-interval, the seeds that pair up and, for the metrics with a tolerance
+    (`EQUIVALENCE_TOLERANCE`), whether it passes (|difference| within the tolerance, or the interval covers 0)."""
+    def finals(frame: pd.DataFrame) -> pd.DataFrame:
+        final = frame["final"] if "final" in frame else True
+        return frame[(frame.arm.isin(arms)) & final].set_index(["arm", "seed", "bandwidth_kbps"])
+
+    base, cand = finals(baseline), finals(candidate)
+    rows = []
+    for arm in arms:
+        for bw in bandwidths:
+            keys = sorted(k for k in set(base.index) & set(cand.index) if k[0] == arm and k[2] == bw)
+            for metric in metrics:
+                diff, half = reports.t_ci95([cand.loc[k, metric] - base.loc[k, metric] for k in keys])
+                tol = EQUIVALENCE_TOLERANCE.get(metric)
+                within = tol is not None and abs(diff) <= tol
+                covers = math.isfinite(half) and abs(diff) <= half
+                rows.append({"arm": arm, "bandwidth_kbps": bw, "metric": metric, "diff": diff, "ci95": half,
+                             "paired_seeds": len(keys), "tolerance": tol, "within_tolerance": within,
+                             "ci_covers_zero": covers, "passes": (within or covers) if tol is not None else None})
+    return pd.DataFrame(rows)

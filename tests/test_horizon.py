@@ -1,0 +1,122 @@
+"""The long-horizon study's pieces (issue 18): milestone checkpoints and their evaluation, summary rows with
+`steps` and `final`, paired differences over training, validation gains, targets, sub-band SI-SDR, and the
+equivalence rule of the speed work."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import smoke_config
+
+from studylib import evaluate, findings, horizon, study
+from studylib import train as trainlib
+
+
+@pytest.fixture(scope="module")
+def milestone_run(synthetic_manifest, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "fixed_rel-0123456789-s0"
+    cfg = smoke_config(synthetic_manifest, run_dir, milestones=[5, 10], expiry_mode="fixed", expiry_threshold=1.0)
+    assert trainlib.train(cfg).status == "complete"
+    evaluate.evaluate(run_dir, "test", per_kind=2, visqol_items=0, examples_per_kind=0, progress=False)
+    return run_dir
+
+
+def test_milestones_keep_their_checkpoints_and_are_scored_once(milestone_run, synthetic_manifest):
+    assert sorted(evaluate.milestone_checkpoints(milestone_run)) == [5, 10]
+    assert evaluate.evaluate_milestones(milestone_run, per_kind=2, progress=False) == [5, 10]
+    written = {p: p.stat().st_mtime_ns for p in milestone_run.glob("eval_test_step*.parquet")}
+    assert len(written) == 6  # items, levels, frequency per milestone
+    evaluate.evaluate_milestones(milestone_run, per_kind=2, progress=False)  # already scored: nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in milestone_run.glob("eval_test_step*.parquet")} == written
+    step5 = pd.read_parquet(milestone_run / "eval_test_step5.parquet")
+    assert set(step5.bandwidth) == {1.5} and "visqol_audio" not in step5  # the tiny model's only milestone kbps
+    # the milestone checkpoint is the state after 5 steps, not the final one
+    ckpt5 = torch.load(milestone_run / "checkpoint_step5.pt", weights_only=False)
+    assert ckpt5["step"] == 5
+
+
+def test_summary_rows_carry_steps_and_final(milestone_run):
+    rows = pd.DataFrame(findings.run_rows(study.read_run(milestone_run), "smoke"))
+    assert sorted(set(zip(rows.steps, rows.final))) == [(5, False), (10, False), (20, True)]
+    final = rows[rows.final]
+    assert set(final.bandwidth_kbps) == {1.5, 3.0} and final.visqol.isna().all()
+
+
+def toy_long() -> pd.DataFrame:
+    rows = []
+    for steps, gap in ((500, 1.0), (1000, 0.5), (3000, 0.0)):
+        for arm, shift in (("none", 0.0), ("fixed_rel", gap)):
+            for seed, noise in zip((0, 1, 2), (0.0, 0.3, -0.3)):
+                for kbps in (1.5, 6.0, 24.0):
+                    rows.append({"scale": "long", "arm": arm, "seed": seed, "run": f"{arm}-s{seed}", "steps": steps,
+                                 "final": steps == 3000, "bandwidth_kbps": kbps,
+                                 "si_sdr_db": kbps / 3 + shift + (noise if arm == "fixed_rel" else 0.0),
+                                 "mel_distance": 3.0 - kbps / 30, "usage": 0.5 + shift / 4, "entropy_kbps": 0.8 * kbps,
+                                 "perplexity_l0": 100.0})
+    rows.append({"scale": "long", "arm": "opus", "final": True, "bandwidth_kbps": 6.0, "si_sdr_db": 2.8,
+                 "mel_distance": 3.45})
+    return pd.DataFrame(rows, columns=findings.COLUMNS)
+
+
+def test_paired_over_steps_follows_the_gap_with_intervals():
+    paired = findings.paired_over_steps(toy_long(), "long").set_index(["steps", "bandwidth_kbps", "metric"])
+    assert paired.loc[(500, 6.0, "si_sdr_db"), "diff"] == pytest.approx(1.0)
+    assert paired.loc[(3000, 6.0, "si_sdr_db"), "diff"] == pytest.approx(0.0, abs=1e-12)
+    # t(0.975, 2) x sd(0, 0.3, -0.3) / sqrt(3)
+    assert paired.loc[(3000, 6.0, "si_sdr_db"), "ci95"] == pytest.approx(4.3027 * 0.3 / math.sqrt(3), rel=1e-3)
+    assert paired.loc[(500, 6.0, "usage"), "diff"] == pytest.approx(0.25)
+    assert (paired.paired_seeds == 3).all()
+
+
+def test_headline_shows_each_horizon_once_with_its_steps():
+    summary = pd.concat([toy_long(), toy_long().assign(scale="cpu", steps=500)], ignore_index=True)
+    block = findings.headline_markdown(summary, ("cpu", "long"))
+    lines = block.splitlines()
+    assert lines[0].startswith("| arm | steps | seeds |")
+    assert [line.split(" | ")[1] for line in lines[2:6]] == ["500", "500", "3,000", "3,000"]
+    assert sum(line.startswith("| opus") for line in lines) == 1
+
+
+def test_targets_compare_with_opus_and_the_bitrate_rise():
+    table = horizon.targets(toy_long(), ("none", "fixed_rel")).set_index("arm")
+    assert table.loc["none", "steps"] == 3000
+    assert table.loc["none", "si_sdr_6kbps"] == pytest.approx(2.0)
+    assert not table.loc["none", "beats_opus_si_sdr"] and table.loc["none", "beats_opus_mel"]
+    assert table.loc["none", "si_sdr_24_minus_1.5"] == pytest.approx(7.5) and table.loc["none", "rises_4db"]
+
+
+def test_gains_measure_the_rise_over_each_window():
+    curves = pd.DataFrame([{"arm": "none", "seed": s, "step": step, "si_sdr": step / 1000 + s}
+                           for s in (0, 1) for step in range(250, 3001, 250)])
+    gains = horizon.gains(curves).set_index("to_step")
+    assert list(gains.index) == [1000, 1500, 2000, 2500, 3000]
+    assert gains.si_sdr_gain.tolist() == pytest.approx([0.5] * 5) and (gains.n_seeds == 2).all()
+
+
+def test_band_si_sdr_finds_the_band_that_carries_the_error():
+    sr, n = 24_000, 24_000
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, n, generator=g, dtype=torch.float64)
+    spec = torch.fft.rfft(ref)
+    freqs = torch.fft.rfftfreq(n, 1 / sr)
+    noise = torch.fft.rfft(torch.randn(2, n, generator=g, dtype=torch.float64))
+    est = torch.fft.irfft(torch.where(freqs < 1000, spec, noise), n)  # right below 1 kHz, noise above
+    table = horizon.band_si_sdr(est, ref, sr).groupby("band").si_sdr.mean()
+    assert table["0-1 kHz"] > 100 and table["1-4 kHz"] < 3 and table["4-12 kHz"] < 3
+    shares = horizon.band_si_sdr(ref, ref, sr).groupby("item_pos").energy_share.sum()
+    assert shares.tolist() == pytest.approx([1.0, 1.0], abs=1e-3)  # the bands cover 0-12 kHz
+
+
+def test_equivalence_passes_within_tolerance_or_when_the_interval_covers_zero():
+    base = toy_long()[lambda f: f.final & (f.arm != "opus")]
+    same = base.copy()
+    shifted = base.assign(si_sdr_db=base.si_sdr_db + 0.5)
+    noisy = base.assign(si_sdr_db=base.si_sdr_db + base.seed.map({0: 0.0, 1: 2.0, 2: -1.0}))
+    for candidate, passes in ((same, True), (shifted, False), (noisy, True)):
+        table = findings.equivalence(base, candidate)
+        si = table[table.metric == "si_sdr_db"]
+        assert (si.paired_seeds == 3).all() and si.passes.all() == passes
+    assert findings.equivalence(base, same).query("metric == 'usage'").passes.isna().all()  # reported only
