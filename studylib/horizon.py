@@ -52,8 +52,10 @@ def plot_paired_over_steps(paired: pd.DataFrame, panels: Sequence[tuple[str, flo
     (metric, bandwidth), mean over seeds with its 95 % band; 0 dotted."""
     import matplotlib.pyplot as plt
 
+    have = set(zip(paired.metric, paired.bandwidth_kbps)) if len(paired) else set()
+    panels = [panel for panel in panels if panel in have] or sorted(have)  # e.g. the smoke model's 1.5 / 3 kbps
     cols = 3
-    rows = -(-len(panels) // cols)
+    rows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.1 * rows), squeeze=False)
     for ax, (metric, kbps) in zip(axes.flat, panels):
         at = paired[(paired.metric == metric) & (paired.bandwidth_kbps == kbps)].sort_values("steps")
