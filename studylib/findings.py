@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from studylib import reports, storage
-from studylib.storage import read_json
+from studylib.storage import DamagedFile, read_json, read_parquet, warn
 from studylib.study import Run, list_runs
 
 COLUMNS = ["scale", "arm", "seed", "run", "bandwidth_kbps", "si_sdr_db", "mel_distance", "visqol", "usage",
@@ -38,8 +38,8 @@ def run_rows(run: Run, scale: str) -> list[dict]:
     """One row per bandwidth of one evaluated codec run (`study.list_runs`: eval_test*.parquet, manifest.json)."""
     manifest = run.manifest
     summary = read_json(run.folder / "summary.json") or {}
-    items = pd.read_parquet(run.eval_items)
-    levels = pd.read_parquet(run.eval_levels)
+    items = read_parquet(run.eval_items)
+    levels = read_parquet(run.eval_levels)
     rows = []
     for bw, group in items.groupby("bandwidth"):
         lv = levels[levels.bandwidth == bw]
@@ -62,7 +62,11 @@ def opus_rows(path: Path, scale: str) -> list[dict]:
     """Opus on the same windows (results/<scale>/baselines/opus_test.parquet), one row per requested bitrate."""
     if not path.is_file():
         return []
-    opus = pd.read_parquet(path)
+    try:
+        opus = read_parquet(path)
+    except DamagedFile as e:
+        warn(f"skipped the Opus baseline: {e}")
+        return []
     return [{"scale": scale, "arm": "opus", "seed": None, "run": "opus", "bandwidth_kbps": float(kbps),
              "si_sdr_db": g.si_sdr.mean(), "mel_distance": g.mel_distance.mean(),
              "visqol": g.visqol_audio.mean() if "visqol_audio" in g else math.nan, "n_items": int(g.item.nunique()),
@@ -70,11 +74,15 @@ def opus_rows(path: Path, scale: str) -> list[dict]:
 
 
 def summary_table(results: str | Path) -> pd.DataFrame:
-    """Every evaluated codec run of every scale under `results`, one row per run x bandwidth, and Opus."""
+    """Every evaluated codec run of every scale under `results`, one row per run x bandwidth, and Opus. A run
+    whose files do not read is skipped with a warning naming it."""
     rows = []
     for scale_dir in sorted(p for p in Path(results).iterdir() if p.is_dir() and (p / "runs").is_dir()):
         for run in list_runs(scale_dir, evaluated=True):
-            rows += run_rows(run, scale_dir.name)
+            try:
+                rows += run_rows(run, scale_dir.name)
+            except DamagedFile as e:
+                warn(f"skipped the run {run.folder}: {e}")
         rows += opus_rows(scale_dir / "baselines" / "opus_test.parquet", scale_dir.name)
     table = pd.DataFrame(rows, columns=COLUMNS).astype({"seed": "Int64"})
     order = {arm: i for i, arm in enumerate(ARM_ORDER)}

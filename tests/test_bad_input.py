@@ -183,7 +183,7 @@ def test_checkpoint_of_another_config_is_refused_naming_both_hashes(fixed_rel_ru
 
 
 def test_audit_checks_the_weights_against_their_stored_config(fixed_rel_run, tmp_path):
-    ckpt = torch.load(fixed_rel_run / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(fixed_rel_run / "checkpoint.pt", weights_only=True)
     ckpt["config"]["model"] = "small"  # tiny weights labelled small
     path = tmp_path / "relabelled.pt"
     torch.save(ckpt, path)
@@ -336,7 +336,7 @@ def test_evaluate_on_a_checkpoint_it_cannot_use(case, fixed_rel_run, tmp_path):
         path.write_text("these are not weights\n")
         message = "not a readable checkpoint ("
     else:
-        ckpt = torch.load(fixed_rel_run / "checkpoint.pt", weights_only=False)
+        ckpt = torch.load(fixed_rel_run / "checkpoint.pt", weights_only=True)
         ckpt["config"]["n_filters"] = 16  # the weights are the tiny preset's (n_filters 4)
         torch.save(ckpt, path)
         message = "the weights do not fit the stored config (model tiny"
