@@ -651,6 +651,7 @@ def _run_jobs(planned: list[GroupJob], jobs: int) -> list[GroupResult]:
                     pool.shutdown(wait=False, cancel_futures=True)
                     for worker in multiprocessing.active_children():
                         worker.terminate()
+                        worker.join(10)  # gone before its half-built group folder is removed below
                     raise
     except BaseException:  # interrupted or failed: no half-built group folder stays behind
         for job in planned:

@@ -78,10 +78,18 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        if isinstance(error, OSError):
-            raise WriteError(path, error) from None
+        if cause := _os_error(error):
+            raise WriteError(path, cause) from None
         raise
     return path
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind a failed write: torch's zip writer, failing to close after one, raises a RuntimeError
+    of its own ("unexpected pos") with the OSError as its context."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def check_writable(folder: str | Path, needs: int = 1 << 20) -> None:
@@ -110,8 +118,8 @@ def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
-    """`torch.save`, written atomically (through a file object: a full disk is then an OSError naming its
-    cause, where torch's own writer says "unexpected pos")."""
+    """`torch.save`, written atomically (through a file object, so that a full disk is an OSError naming its
+    cause behind torch's "unexpected pos")."""
     import torch
 
     def save(tmp: Path) -> None:
@@ -169,7 +177,8 @@ def read_parquet(path: str | Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except Exception as e:  # pyarrow's errors for a damaged file are ArrowInvalid, OSError...
-        raise DamagedFile(f"{path}: not a readable parquet table ({one_line(e)})") from None
+        reason = one_line(type(e)(str(e).replace(f" '{path}'", "")))  # it names the file again
+        raise DamagedFile(f"{path}: not a readable parquet table ({reason})") from None
 
 
 def read_torch(path: str | Path, device: str | torch.device = "cpu", what: str = "torch file",

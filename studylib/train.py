@@ -497,9 +497,9 @@ def _train(session: Session) -> Run:
         return Run(session.run_dir, "failed", steps, pd.DataFrame(session.rows))
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or the study stopping the kernel this runs in
         signal, _ = processes.stop_signal(e)
-        resume = (f"resumes from its checkpoint at step {session.saved}" if session.saved else
-                  "starts over (no checkpoint yet)")
-        note = f"interrupted by {signal} at step {session.done} of {cfg.steps}; {session.run_dir} {resume}"
+        resume = (f"resumes it from its checkpoint at step {session.saved}" if session.saved else
+                  "starts it over (no checkpoint yet)")
+        note = f"interrupted by {signal} at step {session.done} of {cfg.steps}; the same command {resume}"
         session.record_end(status="interrupted", error=note)
         e.add_note(note)
         raise
@@ -691,7 +691,7 @@ def cli(argv: list[str]) -> int:
     except KeyboardInterrupt as e:  # the run is marked interrupted, its lock released
         signal, code = processes.stop_signal(e)
         where = e.__notes__[-1] if getattr(e, "__notes__", None) else f"stopped by {signal}"
-        print(f"studylib train: {where}; run the same command again to resume", file=sys.stderr)
+        print(f"studylib train: {where}", file=sys.stderr)
         return code
     if distributed.is_distributed():
         dist.destroy_process_group()
