@@ -215,6 +215,8 @@ def evaluate_opus(manifest: str | Path, split: str = "test", bitrates: tuple[flo
     """Opus on the same windows, scored by the same code; `bandwidth` is the requested kbps and
     `payload_kbps` what Opus actually spent."""
     baselines.require_opus()
+    if out is not None:
+        check_writable(Path(out).parent)  # before the minutes of encoding
     dataset, info = eval_windows(manifest, split, seconds, per_kind)
     kinds = info.set_index("item").kind
     visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
