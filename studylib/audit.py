@@ -111,7 +111,7 @@ def manifest_audio(manifest: str | Path, split: str, sample_rate: int) -> list[t
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: no such manifest")
-    rows = load_manifest(manifest).query("split == @split")
+    rows = load_manifest(manifest, check_files=True).query("split == @split")  # undecodable: one line naming it
     if rows.empty:
         raise ValueError(f"split {split!r} is empty in {manifest}")
     wavs = []

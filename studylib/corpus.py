@@ -292,6 +292,9 @@ def load_manifest(path: str | Path, check_files: bool = False) -> pd.DataFrame:
     return frame
 
 
+_WARNED_SHORT: set[Path] = set()  # files check_audio_files has warned about in this process
+
+
 def check_audio_files(path: str | Path, frame: pd.DataFrame, sample_rate: int | None = None) -> None:
     """ManifestError unless every audio file the manifest at `path` lists (its `frame`) exists and decodes:
     its header reads (at `sample_rate`, when given) and its last samples decode, which a truncated file fails
@@ -306,7 +309,8 @@ def check_audio_files(path: str | Path, frame: pd.DataFrame, sample_rate: int | 
         problem, frames, rate = _audio_problem(path.parent / name, sample_rate)
         if problem:
             bad.append(f"{path.parent / name}{problem}")
-        elif frames < round(seconds * rate) - rate // 100:
+        elif frames < round(seconds * rate) - rate // 100 and (path.parent / name) not in _WARNED_SHORT:
+            _WARNED_SHORT.add(path.parent / name)  # every dataset of a run checks the manifest: one warning
             _warn(f"{path.parent / name}: {frames / rate:.2f} s long, {path} says {seconds:.2f} s; its crops are "
                   "zero-padded")
     if len(bad) == 1:

@@ -74,11 +74,9 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as error:  # a signal too: never leave the temporary file behind
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if cause := _os_error(error):
+        if isinstance(error, Exception) and (cause := _os_error(error)):
             raise WriteError(path, cause) from None
         raise
     return path
