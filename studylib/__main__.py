@@ -1,6 +1,8 @@
 """`studylib <command> ...`: one entry point; each command lives in its own module.
 
 Commands are imported lazily so `studylib corpus` does not pay for torch start-up it does not need.
+Ctrl-C and SIGTERM stop every command the same way: one line, exit code 130 (SIGINT) or 143 (SIGTERM);
+`train` and `study` first mark their runs interrupted and say how to resume (their own line instead).
 """
 
 from __future__ import annotations
@@ -31,13 +33,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"studylib: unknown command {name!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
         return 2
     module, func = COMMANDS[name]
+    from studylib import processes
     from studylib.config import UserError
 
+    processes.raise_on_sigterm()
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except UserError as e:  # a command that let a user's mistake through still answers in one line
         print(f"studylib {name}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what was written is whole (atomic writes), locks released
+        signal, code = processes.stop_signal(e)
+        print(f"studylib {name}: stopped by {signal}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from studylib.codec import EMA_QUANTIZERS, Codec, CodecConfig
 from studylib.corpus import SPLITS, CorpusError, load_manifest
 from studylib.metrics import utilization
 from studylib.quantization import nominal_kbps
-from studylib.storage import UnreadableCheckpoint, checkpoint_path, codec_from_checkpoint, read_checkpoint
+from studylib.storage import UnreadableCheckpoint, atomic_write, checkpoint_path, codec_from_checkpoint, read_checkpoint
 
 # EnCodec / our RVQ: [prefix.]vq.layers.{i}._codebook.{inited,cluster_size,embed,embed_avg}; the peer arm
 # (studylib.peer): [prefix.]rvq.layers.{i}._codebook.{initted,...} with a leading codebook axis of 1.
@@ -115,7 +115,7 @@ def manifest_audio(manifest: str | Path, split: str, sample_rate: int) -> list[t
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: no such manifest")
-    rows = load_manifest(manifest).query("split == @split")
+    rows = load_manifest(manifest, check_files=True).query("split == @split")  # undecodable: one line naming it
     if rows.empty:
         raise ValueError(f"split {split!r} is empty in {manifest}")
     wavs = []
@@ -195,9 +195,8 @@ def load_codebook_checkpoint(path: str | Path) -> tuple[Mapping[str, torch.Tenso
     """(state dict, codec config, description, frames per step or None) of a studylib run's
     checkpoint.pt (or its folder) or a plain state dict file such as encodec_24khz-d7cc33bc.th."""
     path = checkpoint_path(path)
-    try:
-        # weights_only: an audit may be run on downloaded files, which must not execute code.
-        obj = read_checkpoint(path, weights_only=True)
+    try:  # loads tensors and plain containers only: downloaded files must not run code (RefusedFile)
+        obj = read_checkpoint(path)
     except UnreadableCheckpoint as e:
         raise ValueError(f"{path}: not a PyTorch checkpoint ({e.reason})") from None
     if isinstance(obj, Mapping) and "model" in obj and "config" in obj:
@@ -257,7 +256,7 @@ def cli(argv: list[str]) -> int:
         return 2
     print(report.format())
     if args.out:
-        report.table().to_csv(args.out, index=False)
+        atomic_write(Path(args.out), lambda p: report.table().to_csv(p, index=False))
         print(f"wrote {args.out}")
     return 0
 

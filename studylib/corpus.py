@@ -17,9 +17,11 @@ import functools
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -290,13 +292,45 @@ def load_manifest(path: str | Path, check_files: bool = False) -> pd.DataFrame:
     return frame
 
 
-def check_audio_files(path: str | Path, frame: pd.DataFrame) -> None:
-    """ManifestError unless every audio file the manifest at `path` lists (its `frame`) exists."""
+_WARNED_SHORT: set[Path] = set()  # files check_audio_files has warned about in this process
+
+
+def check_audio_files(path: str | Path, frame: pd.DataFrame, sample_rate: int | None = None) -> None:
+    """ManifestError unless every audio file the manifest at `path` lists (its `frame`) exists and decodes:
+    its header reads (at `sample_rate`, when given) and its last samples decode, which a truncated file fails
+    (~0.5 ms a file). One warning naming a file shorter than the manifest says (its crops are zero-padded)."""
     path = Path(path)
     missing = [name for name in frame["path"] if not (path.parent / name).is_file()]
     if missing:
         raise ManifestError(f"{path}: {len(missing)} of the {len(frame)} audio files it lists are missing "
                             f"(e.g. {path.parent / missing[0]}); rebuild the corpus or fix the manifest")
+    bad = []
+    for name, seconds in zip(frame["path"], frame["seconds"]):
+        problem, frames, rate = _audio_problem(path.parent / name, sample_rate)
+        if problem:
+            bad.append(f"{path.parent / name}{problem}")
+        elif frames < round(seconds * rate) - rate // 100 and (path.parent / name) not in _WARNED_SHORT:
+            _WARNED_SHORT.add(path.parent / name)  # every dataset of a run checks the manifest: one warning
+            _warn(f"{path.parent / name}: {frames / rate:.2f} s long, {path} says {seconds:.2f} s; its crops are "
+                  "zero-padded")
+    if len(bad) == 1:
+        raise ManifestError(f"{bad[0]}; remove it from {path} or rebuild the corpus")
+    if bad:
+        raise ManifestError(f"{path}: {len(bad)} of the {len(frame)} audio files it lists cannot be used (e.g. "
+                            f"{bad[0]}); remove them from the manifest or rebuild the corpus")
+
+
+def _audio_problem(file: Path, sample_rate: int | None) -> tuple[str | None, int, int]:
+    """(why the file cannot be used, as the rest of a line after its name, or None; its frames; its rate)."""
+    try:
+        with sf.SoundFile(str(file)) as audio:
+            if sample_rate and audio.samplerate != sample_rate:
+                return f" is {audio.samplerate} Hz, not the requested {sample_rate} Hz", 0, 0
+            audio.seek(max(audio.frames - 256, 0))
+            audio.read(256, dtype="float32")
+            return None, audio.frames, audio.samplerate
+    except (RuntimeError, OSError, ValueError) as error:  # soundfile's LibsndfileError is a RuntimeError
+        return f": {_load_failure(file, error)}", 0, 0
 
 
 def cli(argv: list[str]) -> int:
@@ -602,18 +636,34 @@ def _render_midi(path: Path, seconds: float | None) -> tuple[np.ndarray, int]:
 def _run_jobs(planned: list[GroupJob], jobs: int) -> list[GroupResult]:
     planned = sorted(planned, key=lambda job: -job.est_s)  # longest first: better packing on few cores
     progress = tqdm(total=len(planned), desc="groups", unit="group")
-    if jobs == 1:
-        results = []
-        for job in planned:
-            results.append(_process(job))
-            progress.update()
-    else:
-        with ProcessPoolExecutor(jobs) as pool:
-            futures = [pool.submit(_process, job) for job in planned]
-            for _ in as_completed(futures):
+    try:
+        if jobs == 1:
+            results = []
+            for job in planned:
+                results.append(_process(job))
                 progress.update()
-            results = [future.result() for future in futures]
-    progress.close()
+        else:
+            # Workers ignore Ctrl-C (the terminal sends it to them too): the parent stops them, in one line.
+            pool = ProcessPoolExecutor(jobs, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+            with pool:
+                try:
+                    futures = [pool.submit(_process, job) for job in planned]
+                    for _ in as_completed(futures):
+                        progress.update()
+                    results = [future.result() for future in futures]
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for worker in multiprocessing.active_children():
+                        worker.terminate()
+                        worker.join(10)  # gone before its half-built group folder is removed below
+                    raise
+    except BaseException:  # interrupted or failed: no half-built group folder stays behind
+        for job in planned:
+            for tmp in job.folder.parent.glob(f"{job.folder.name}.tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        progress.close()
     return results
 
 
@@ -627,28 +677,37 @@ def _process(job: GroupJob) -> GroupResult:
         tmp = job.folder.with_name(f"{job.folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        writer = _SegmentWriter(tmp)
-        skipped = []
-        for item in job.inputs:
-            try:
-                audio, rate = _load(item, job.file_cap_s)
-            except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as error:
-                skipped.append(f"{_describe(item)}: {_load_failure(item, error)}")
-                continue
-            # Say why a clip is not used rather than crash on it (NaN) or drop it without a word.
-            if problem := _unusable(audio, rate):
-                skipped.append(f"{_describe(item)}: {problem}")
-            elif (clip := _prepare(audio, rate)) is not None:
-                writer.add(clip)
-        writer.flush()
-        if writer.dropped_s:
-            skipped.append(f"group {job.group} of {job.source}: {writer.dropped_s:.2f} s of short clips left "
-                           f"over, under min_segment_s = {RECIPE.min_segment_s:g} s; not used")
-        (tmp / "segments.json").write_text(json.dumps({"segments": writer.segments, "skipped": skipped}))
+        try:
+            _segment(job, tmp)
+        except BaseException:  # a full disk, a signal: no half-written group folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         os.replace(tmp, job.folder)
     record = json.loads(index.read_text())
     segments = [(job.folder / name, frames / SAMPLE_RATE) for name, frames in record["segments"]]
     return GroupResult(job, segments, record["skipped"])
+
+
+def _segment(job: GroupJob, folder: Path) -> None:
+    """Write one group's segments into `folder`, and segments.json: what it holds and why clips were skipped."""
+    writer = _SegmentWriter(folder)
+    skipped = []
+    for item in job.inputs:
+        try:
+            audio, rate = _load(item, job.file_cap_s)
+        except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as error:
+            skipped.append(f"{_describe(item)}: {_load_failure(item, error)}")
+            continue
+        # Say why a clip is not used rather than crash on it (NaN) or drop it without a word.
+        if problem := _unusable(audio, rate):
+            skipped.append(f"{_describe(item)}: {problem}")
+        elif (clip := _prepare(audio, rate)) is not None:
+            writer.add(clip)
+    writer.flush()
+    if writer.dropped_s:
+        skipped.append(f"group {job.group} of {job.source}: {writer.dropped_s:.2f} s of short clips left "
+                       f"over, under min_segment_s = {RECIPE.min_segment_s:g} s; not used")
+    (folder / "segments.json").write_text(json.dumps({"segments": writer.segments, "skipped": skipped}))
 
 
 def _describe(item: Path | SynthText) -> str:

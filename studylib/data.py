@@ -12,7 +12,11 @@ from torch.utils.data import Dataset
 from studylib.corpus import SAMPLE_RATE, SPLITS, ManifestError, check_audio_files, load_manifest
 
 
-class NonFiniteAudio(ManifestError):
+class BadAudio(ManifestError):
+    """An audio file of the corpus that a run finds unusable as it reads it; the message names it."""
+
+
+class NonFiniteAudio(BadAudio):
     """An audio file of the corpus holds NaN or Inf samples; the message names it."""
 
 
@@ -25,8 +29,9 @@ class AudioDataset(Dataset):
     defaults to `split == "train"`. Segments shorter than a crop are zero-padded at the end.
 
     The manifest is checked whole when the dataset is made (ManifestError naming it: missing, a folder,
-    other columns, listed files missing, another sample rate), and every crop as it is read (NonFiniteAudio
-    naming the file), so bad data stops a run with a reason instead of training on NaN."""
+    other columns, listed files missing, undecodable or truncated, another sample rate), and every crop as it
+    is read (BadAudio naming the file: NaN or Inf samples, bytes that stop decoding), so bad data stops a run
+    with a reason instead of training on NaN or crashing."""
 
     def __init__(
         self,
@@ -43,17 +48,13 @@ class AudioDataset(Dataset):
         rows = frame.query("split == @split")
         if rows.empty:
             raise ManifestError(f"split {split!r} is empty in {manifest}")
-        check_audio_files(manifest, frame)  # all of them: a run should not find out at its evaluation
+        # all of them, every split: a run should not find out mid-run or at its evaluation
+        check_audio_files(manifest, frame, sample_rate)
         root = Path(manifest).parent
         self.files = [root / path for path in rows["path"]]
         self.frames = [round(seconds * sample_rate) for seconds in rows["seconds"]]
-        try:
-            rate = sf.info(str(self.files[0])).samplerate
-        except (RuntimeError, OSError) as error:  # soundfile's LibsndfileError is a RuntimeError
-            raise ManifestError(f"{self.files[0]}: undecodable audio ({' '.join(str(error).split())[-120:]})") from None
-        if rate != sample_rate:
-            raise ManifestError(f"{self.files[0]} is {rate} Hz, not the requested {sample_rate} Hz")
         self.length = round(segment_seconds * sample_rate)
+        self.sample_rate = sample_rate
         self.train = split == "train" if train is None else train
         self.seed = seed
         self.epoch = 0
@@ -80,8 +81,13 @@ class AudioDataset(Dataset):
             start = int(torch.randint(room + 1, (1,), generator=generator))
         else:
             segment, start = self.windows[index]
-        audio, _ = sf.read(str(self.files[segment]), start=start, frames=self.length, dtype="float32",
-                           always_2d=True)
+        try:
+            audio, _ = sf.read(str(self.files[segment]), start=start, frames=self.length, dtype="float32",
+                               always_2d=True)
+        except (RuntimeError, OSError) as error:  # damaged since the check: soundfile's errors are RuntimeErrors
+            raise BadAudio(f"{self.files[segment]}: undecodable audio at {start / self.sample_rate:.1f} s "
+                           f"({' '.join(str(error).split())[:120]}); remove it from the manifest or rebuild the "
+                           "corpus") from None
         if not np.isfinite(audio).all():
             raise NonFiniteAudio(f"{self.files[segment]}: holds NaN or Inf samples; remove it from the manifest or "
                                  "rebuild the corpus (`studylib corpus` skips such files)")

@@ -5,8 +5,10 @@
 
 Writes beside the run: `eval_<split>.parquet` (one row per item x bandwidth, every metric),
 `eval_<split>_levels.parquet` (per bandwidth and level: usage, perplexity, entropy, dead codes, plus
-the entropy bitrate), `eval_<split>_frequency.parquet` (codes-by-frequency at the highest bandwidth)
-and `examples/<kind>_<item>_{reference,<kbps>kbps}.flac` for the reports.
+the entropy bitrate), `eval_<split>_frequency.parquet` (codes-by-frequency at the highest bandwidth),
+`eval_<split>.json` (the settings they were made with, and the checkpoint's step) and
+`examples/<kind>_<item>_{reference,<kbps>kbps}.flac` for the reports. It checks it can write there before
+it computes; the CLI refuses to replace files made with other settings (a study's evaluation) without --force.
 """
 
 from __future__ import annotations
@@ -26,9 +28,20 @@ from tqdm.auto import tqdm
 
 from studylib import baselines, metrics
 from studylib.codec import Codec
+from studylib.config import UserError
 from studylib.corpus import SAMPLE_RATE, SPLITS, load_manifest
 from studylib.data import AudioDataset
-from studylib.storage import atomic_write, load_checkpoint, read_json, write_json, write_parquet
+from studylib.storage import (
+    DamagedFile,
+    atomic_write,
+    check_writable,
+    load_checkpoint,
+    read_json,
+    read_parquet,
+    warn,
+    write_json,
+    write_parquet,
+)
 
 EXAMPLE_BANDWIDTHS = (1.5, 6.0, 24.0)
 MILESTONE_BANDWIDTHS = (1.5, 6.0, 24.0)  # kbps at which milestone checkpoints are scored
@@ -87,20 +100,30 @@ def _examples_to_save(info: pd.DataFrame, per_kind: int) -> set[int]:
 def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[float, ...] | None = None,
              manifest: str | Path | None = None, seconds: float = 5.0, visqol_items: int = 16,
              examples_per_kind: int = 2, batch_size: int = 8, out_dir: str | Path | None = None,
-             per_kind: int | None = None, progress: bool = True, suffix: str = "") -> Evaluation:
+             per_kind: int | None = None, progress: bool = True, suffix: str = "", force: bool = True) -> Evaluation:
     """Evaluate a run folder, a checkpoint file (e.g. a milestone's checkpoint_step500.pt) or a codec on the fixed
     windows of `split` (`per_kind` of each kind, or all); ViSQOL on the first `visqol_items` windows of each kind
     (it costs ~1 s per window); results written to `out_dir` (default: the run folder) when there is one, as
-    eval_<split><suffix>.parquet, eval_<split><suffix>_levels.parquet and eval_<split><suffix>_frequency.parquet."""
+    eval_<split><suffix>.parquet, eval_<split><suffix>_levels.parquet and eval_<split><suffix>_frequency.parquet,
+    with the settings beside them (eval_<split><suffix>.json). Before computing: WriteError if that folder cannot
+    be written, and (force=False) UserError if it holds such an evaluation made with other settings."""
+    step = None
     if isinstance(run, Codec):
         codec, run_dir = run.eval(), (Path(out_dir) if out_dir else None)
         if manifest is None:
             raise ValueError("manifest: required when evaluating a codec object rather than a run folder")
     else:
-        codec, cfg, _ = load_checkpoint(run)
+        codec, cfg, ckpt = load_checkpoint(run)
         run_dir = Path(out_dir) if out_dir else (Path(run) if Path(run).is_dir() else Path(run).parent)
-        manifest = manifest or cfg.manifest
+        manifest, step = manifest or cfg.manifest, ckpt.get("step")
     bandwidths = tuple(sorted(bandwidths or codec.config.target_bandwidths))
+    settings = {"split": split, "bandwidths": [float(b) for b in bandwidths], "manifest": str(Path(manifest).resolve()),
+                "seconds": float(seconds), "per_kind": per_kind, "visqol_items": visqol_items,
+                "examples_per_kind": examples_per_kind}
+    if run_dir is not None:
+        if not force:
+            _refuse_other_settings(run_dir, settings, suffix)
+        check_writable(run_dir, 8 << 20)  # tables and example FLACs: a few MB
     rate = codec.config.sample_rate
     dataset, info = eval_windows(manifest, split, seconds, per_kind, rate)
     kinds = info.set_index("item").kind
@@ -146,6 +169,7 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
         write_parquet(result.items, run_dir / f"eval_{split}{suffix}.parquet")
         write_parquet(result.levels, run_dir / f"eval_{split}{suffix}_levels.parquet")
         write_parquet(result.frequency, run_dir / f"eval_{split}{suffix}_frequency.parquet")
+        write_json({**settings, "checkpoint_step": step}, run_dir / f"eval_{split}{suffix}.json")
     return result
 
 
@@ -179,6 +203,26 @@ def milestone_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     return found
 
 
+def _refuse_other_settings(run_dir: Path, settings: dict, suffix: str = "") -> None:
+    """UserError if `run_dir` holds an evaluation of the split made with other settings (or with settings it
+    does not record): a study's evaluation is not replaced by accident."""
+    items = run_dir / f"eval_{settings['split']}{suffix}.parquet"
+    if not items.is_file():
+        return
+    try:
+        recorded = read_json(items.with_suffix(".json"))
+    except DamagedFile:
+        recorded = None
+    if recorded is None:
+        raise UserError(f"{items}: an evaluation is there, made with settings it does not record (no "
+                        f"{items.with_suffix('.json').name} beside it); pass --force to replace it")
+    changed = [f"{key} {recorded.get(key)!r} there, {value!r} asked" for key, value in settings.items()
+               if recorded.get(key) != value]
+    if changed:
+        raise UserError(f"{items}: an evaluation made with other settings is there ({'; '.join(changed)}); pass "
+                        "--force to replace it, or ask for the same settings")
+
+
 def _write_examples(codec: Codec, dataset: AudioDataset, info: pd.DataFrame, ids: set[int],
                     bandwidths: tuple[float, ...], run_dir: Path) -> list[Path]:
     """FLAC of the reference and of the reconstructions at EXAMPLE_BANDWIDTHS, for the reports."""
@@ -204,6 +248,8 @@ def evaluate_opus(manifest: str | Path, split: str = "test", bitrates: tuple[flo
     """Opus on the same windows, scored by the same code; `bandwidth` is the requested kbps and
     `payload_kbps` what Opus actually spent."""
     baselines.require_opus()
+    if out is not None:
+        check_writable(Path(out).parent)  # before the minutes of encoding
     dataset, info = eval_windows(manifest, split, seconds, per_kind)
     kinds = info.set_index("item").kind
     visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
@@ -233,8 +279,11 @@ def opus_cached(path: str | Path, manifest: str | Path, bitrates: tuple[float, .
     settings = {"manifest": str(Path(manifest).resolve()), "bitrates": [float(b) for b in bitrates], "split": split,
                 "seconds": seconds, "visqol_items": visqol_items, "per_kind": per_kind}
     sidecar = path.with_suffix(".json")
-    if path.is_file() and read_json(sidecar) == settings:
-        return pd.read_parquet(path)
+    try:
+        if path.is_file() and read_json(sidecar) == settings:
+            return read_parquet(path)
+    except DamagedFile as e:  # computed again below
+        warn(f"{e}; computing it again")
     if not baselines.opus_available():
         return None
     table = evaluate_opus(manifest, split, tuple(bitrates), seconds, visqol_items, path, per_kind, progress)
@@ -256,10 +305,15 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--bandwidths", type=float, nargs="+", help="kbps (default: the model's)")
     parser.add_argument("--visqol-items", type=int, default=16, help="ViSQOL on this many windows per kind")
+    parser.add_argument("--per-kind", type=int, help="this many windows of each kind (default: all)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="window length (default 5)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an evaluation made with other settings (e.g. the study's)")
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.run, args.split, tuple(args.bandwidths) if args.bandwidths else None,
-                          visqol_items=args.visqol_items)
+                          seconds=args.seconds, visqol_items=args.visqol_items, per_kind=args.per_kind,
+                          force=args.force)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"studylib evaluate: {e}", file=sys.stderr)
         return 2

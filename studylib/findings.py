@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from studylib import reports, storage
-from studylib.storage import read_json
+from studylib.storage import DamagedFile, read_json, read_parquet, warn
 from studylib.study import Run, list_runs
 
 COLUMNS = ["scale", "arm", "seed", "run", "steps", "final", "bandwidth_kbps", "si_sdr_db", "mel_distance", "visqol",
@@ -56,7 +56,7 @@ def run_rows(run: Run, scale: str) -> list[dict]:
     evaluations += [(step, False, items, levels) for step, (items, levels) in sorted(run.milestone_evals.items())]
     rows = []
     for steps, final, items_path, levels_path in evaluations:
-        items, levels = pd.read_parquet(items_path), pd.read_parquet(levels_path)
+        items, levels = read_parquet(items_path), read_parquet(levels_path)
         for bw, group in items.groupby("bandwidth"):
             lv = levels[levels.bandwidth == bw]
             rows.append({
@@ -74,19 +74,28 @@ def opus_rows(path: Path, scale: str) -> list[dict]:
     """Opus on the same windows (results/<scale>/baselines/opus_test.parquet), one row per requested bitrate."""
     if not path.is_file():
         return []
-    opus = pd.read_parquet(path)
-    return [{"scale": scale, "arm": "opus", "seed": None, "run": "opus", "final": True, "bandwidth_kbps": float(kbps),
+    try:
+        opus = read_parquet(path)
+    except DamagedFile as e:
+        warn(f"skipped the Opus baseline: {e}")
+        return []
+    return [{"scale": scale, "arm": "opus", "seed": None, "run": "opus", "final": True,
+             "bandwidth_kbps": float(kbps),
              "si_sdr_db": g.si_sdr.mean(), "mel_distance": g.mel_distance.mean(),
              "visqol": g.visqol_audio.mean() if "visqol_audio" in g else math.nan, "n_items": int(g.item.nunique()),
              "payload_kbps": g.payload_kbps.mean()} for kbps, g in opus.groupby("bandwidth")]
 
 
 def summary_table(results: str | Path) -> pd.DataFrame:
-    """Every evaluated codec run of every scale under `results`, one row per run x bandwidth, and Opus."""
+    """Every evaluated codec run of every scale under `results`, one row per run x bandwidth, and Opus. A run
+    whose files do not read is skipped with a warning naming it."""
     rows = []
     for scale_dir in sorted(p for p in Path(results).iterdir() if p.is_dir() and (p / "runs").is_dir()):
         for run in list_runs(scale_dir, evaluated=True):
-            rows += run_rows(run, scale_dir.name)
+            try:
+                rows += run_rows(run, scale_dir.name)
+            except DamagedFile as e:
+                warn(f"skipped the run {run.folder}: {e}")
         rows += opus_rows(scale_dir / "baselines" / "opus_test.parquet", scale_dir.name)
     table = pd.DataFrame(rows, columns=COLUMNS).astype({"seed": "Int64", "steps": "Int64", "final": bool})
     order = {arm: i for i, arm in enumerate(ARM_ORDER)}

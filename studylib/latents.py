@@ -10,6 +10,7 @@ study is about (usage, dead codes, replacements) for thousands of steps in minut
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 from dataclasses import dataclass
@@ -24,7 +25,16 @@ from studylib import config as cfglib
 from studylib.corpus import SPLITS, load_manifest
 from studylib.metrics import utilization
 from studylib.quantization import ResidualVectorQuantizer
-from studylib.storage import load_checkpoint, save_torch, write_parquet
+from studylib.storage import (
+    DamagedFile,
+    check_writable,
+    load_checkpoint,
+    read_parquet,
+    read_torch,
+    save_torch,
+    warn,
+    write_parquet,
+)
 from studylib.train import QuantizerFields
 
 
@@ -42,7 +52,11 @@ class Latents:
 
     @classmethod
     def load(cls, path: str | Path) -> Latents:
-        return cls(**torch.load(path, weights_only=False))
+        """The latents in `path` (tensors and plain values only: DamagedFile or RefusedFile naming it otherwise)."""
+        found = read_torch(path, what="latents file")
+        if not isinstance(found, dict) or set(found) != {f.name for f in dataclasses.fields(cls)}:
+            raise DamagedFile(f"{path}: not a latents file (expected the keys frames, offsets, frame_rate, source)")
+        return cls(**found)
 
 
 @torch.no_grad()
@@ -52,7 +66,11 @@ def dump_latents(checkpoint: str | Path, manifest: str | Path | None = None, out
     (default: latents.pt beside the checkpoint) and return its path."""
     codec, cfg, _ = load_checkpoint(checkpoint)
     manifest = Path(manifest or cfg.manifest)
-    rows = load_manifest(manifest)
+    rows = load_manifest(manifest, check_files=True)
+    ckpt_path = Path(checkpoint)
+    out = Path(out) if out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "latents.pt"
+    chosen = rows[rows.split.isin(splits)]  # float32 [N, D] frames: what the file will take, before minutes of encoding
+    check_writable(out.parent, int(chosen.seconds.sum() * codec.config.frame_rate * codec.config.dimension * 4.4))
     frames, offsets = {}, {}
     for split in splits:
         paths = [manifest.parent / p for p in rows.loc[rows.split == split, "path"]]
@@ -65,8 +83,6 @@ def dump_latents(checkpoint: str | Path, manifest: str | Path | None = None, out
             chunks.append(codec.encoder(wav)[0].t())  # [F, D]
         frames[split] = torch.cat(chunks)
         offsets[split] = torch.tensor([0, *torch.tensor([len(c) for c in chunks]).cumsum(0).tolist()])
-    ckpt_path = Path(checkpoint)
-    out = Path(out) if out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "latents.pt"
     Latents(frames, offsets, codec.config.frame_rate, str(checkpoint)).save(out)
     return out
 
@@ -212,18 +228,23 @@ def expand_grid(grid: list[dict], arms_dir: str | Path, base: dict | None = None
 def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progress: bool = True) -> pd.DataFrame:
     """Train every cell on `latents` (train split; eval on valid), one parquet per cell in
     `out_dir/runs/` written when the cell finishes, so an interrupted grid resumes where it stopped.
-    Returns all cells' rows, each tagged with `GridCell.describe()`."""
+    Returns all cells' rows, each tagged with `GridCell.describe()`. A cell whose file does not read (cut
+    short by a full disk...) is trained again, with a warning naming it."""
     runs = Path(out_dir) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     frames = []
     for cell in tqdm(cells, desc="quantizer grid", disable=not progress):
         path = runs / f"{cell.name}.parquet"
-        if not path.is_file():
-            metrics, _ = train_on_latents(cell.config, latents.frames["train"], latents.frames.get("valid"),
-                                          latents.frame_rate, progress=False)
-            tagged = metrics.assign(**cell.describe())
-            write_parquet(tagged, path)
-        frames.append(pd.read_parquet(path))
+        if path.is_file():
+            try:
+                frames.append(read_parquet(path))
+                continue
+            except DamagedFile as e:
+                warn(f"{e}; training that cell again")
+        metrics, _ = train_on_latents(cell.config, latents.frames["train"], latents.frames.get("valid"),
+                                      latents.frame_rate, progress=False)
+        write_parquet(metrics.assign(**cell.describe()), path)
+        frames.append(read_parquet(path))
     return pd.concat(frames, ignore_index=True)
 
 

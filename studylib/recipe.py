@@ -84,18 +84,20 @@ def train_variant(params: list[str], overrides: dict, run_dir: Path, bandwidth: 
 
 def run_curve(run_dir: Path, label: str) -> pd.DataFrame:
     """`curves` of a run folder, labelled, with its seed and thread count (CPU minutes depend on them)."""
-    from studylib.storage import read_json
+    from studylib.storage import read_json, read_parquet
 
     manifest = read_json(run_dir / "manifest.json")
-    return curves(pd.read_parquet(run_dir / "metrics.parquet")).assign(
+    return curves(read_parquet(run_dir / "metrics.parquet")).assign(
         variant=label, seed=manifest["seed"], threads=manifest["threads"])
 
 
 def test_scores(run_dir: Path, bandwidth: float) -> dict:
     """A run's test-window scores at `bandwidth`: mean SI-SDR and mel distance over windows, level-0
     perplexity of all test frames, mean code usage over the levels."""
-    items = pd.read_parquet(run_dir / "eval_test.parquet")
-    levels = pd.read_parquet(run_dir / "eval_test_levels.parquet")
+    from studylib.storage import read_parquet
+
+    items = read_parquet(run_dir / "eval_test.parquet")
+    levels = read_parquet(run_dir / "eval_test_levels.parquet")
     items, levels = items[items.bandwidth == bandwidth], levels[levels.bandwidth == bandwidth]
     return {"si_sdr": items.si_sdr.mean(), "mel_distance": items.mel_distance.mean(),
             "perplexity_l0": float(levels[levels.level == 0].perplexity.iloc[0]), "usage_mean": levels.usage.mean()}

@@ -1,15 +1,25 @@
-"""Run files on disk: the one atomic writer, the JSON reader and writer, and the checkpoint loader.
+"""Run files on disk: the one atomic writer, the readers of JSON, parquet and torch files, and the checkpoint loader.
 
 Every file studylib writes (manifests, metrics, checkpoints, evaluation tables, latents, reports) goes
-through `atomic_write`, so a reader never sees half a file; every run checkpoint is read through
-`read_checkpoint` / `load_checkpoint`, so a bad file gets the same one-line error in every command.
+through `atomic_write`, so a reader never sees half a file and a failed write (a full disk, a read-only
+folder, a signal) leaves neither the file half-written nor its temporary behind: it is one `WriteError`
+naming the folder and the cause. Every file studylib reads back goes through `read_json`, `read_parquet` or
+`read_torch`, so a damaged one is one `DamagedFile` line naming it. `read_torch` unpickles only tensors and
+plain containers (`weights_only=True`): a file that asks for anything else would run code, and is refused
+(`RefusedFile`) without running it. Run checkpoints are read through `read_checkpoint` / `load_checkpoint`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import re
+import shutil
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,17 +36,78 @@ if TYPE_CHECKING:  # torch is imported where it is used: reports and corpus use 
     from studylib.train import TrainConfig
 
 
+class WriteError(UserError):
+    """A file that could not be written (no space, read-only, no permission): one line naming its folder and
+    the cause. Its temporary file is gone."""
+
+    def __init__(self, path: Path, error: OSError, cause: str | None = None):
+        self.path, self.no_space = Path(path), error.errno in (errno.ENOSPC, errno.EDQUOT)
+        # pyarrow's OSErrors carry the errno but a long message of their own
+        self.cause = cause or (os.strerror(error.errno) if error.errno else " ".join(str(error).split())[:120])
+        advice = "free some space there or choose another folder" if self.no_space else "choose a writable folder"
+        super().__init__(f"{self.path.parent}: cannot write {self.path.name} ({self.cause}); {advice}")
+
+
+class DamagedFile(UserError):
+    """A file studylib wrote that does not read back (truncated, edited, not ours): one line naming it."""
+
+
+class RefusedFile(UserError):
+    """A pickled file that asks for more than tensors and plain containers: loading it would run code."""
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (a damaged run skipped, a file moved aside)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 # ------------------------------------------------------------------------------------------ writing
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
-    """`write(tmp)` then rename over `path`: readers never see a half-written file."""
+    """`write(tmp)` then rename over `path`: readers never see a half-written file. On failure the temporary
+    file is removed; an OSError (full disk, read-only folder) becomes a WriteError naming the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:  # a signal too: never leave the temporary file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(error, Exception) and (cause := _os_error(error)):
+            raise WriteError(path, cause) from None
+        raise
     return path
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind a failed write: torch's zip writer, failing to close after one, raises a RuntimeError
+    of its own ("unexpected pos") with the OSError as its context."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def check_writable(folder: str | Path, needs: int = 1 << 20) -> None:
+    """WriteError unless a file can be written in `folder` (created if needed) and about `needs` bytes are free
+    there: checked before long work, so a full disk or a read-only folder is said before the minutes of
+    computing, not after them."""
+    folder = Path(folder)
+    probe = folder / f".write-check{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(bytes(4096))
+        free = shutil.disk_usage(folder).free
+    except OSError as error:
+        raise WriteError(folder / "files", error) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    if free < needs:
+        raise WriteError(folder / "files", OSError(errno.ENOSPC, "no space"),
+                         f"{free / 1e6:.1f} MB free, about {needs / 1e6:.1f} MB needed")
 
 
 def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -45,22 +116,21 @@ def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
-    """`torch.save`, written atomically."""
+    """`torch.save`, written atomically (through a file object, so that a full disk is an OSError naming its
+    cause behind torch's "unexpected pos")."""
     import torch
 
-    return atomic_write(Path(path), lambda p: torch.save(obj, p))
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+
+    return atomic_write(Path(path), save)
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
     """Pretty JSON, written atomically (NaN -> null)."""
     text = json.dumps(_jsonable(obj), indent=2, default=str)
     return atomic_write(Path(path), lambda p: p.write_text(text + "\n"))
-
-
-def read_json(path: str | Path) -> Any:
-    """The JSON in `path`, or None if there is no such file (ValueError if it is not JSON)."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -79,10 +149,65 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in `path`, or None if there is no such file; DamagedFile naming it if it does not read."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DamagedFile(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DamagedFile(f"{path}: cannot be read ({one_line(e)})") from None
+
+
+def read_parquet(path: str | Path) -> pd.DataFrame:
+    """The table in a parquet file; DamagedFile naming it if it is missing or does not read (truncated...)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFile(f"{path}: no such table")
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow's errors for a damaged file are ArrowInvalid, OSError...
+        reason = one_line(type(e)(str(e).replace(f" '{path}'", "")))  # it names the file again
+        raise DamagedFile(f"{path}: not a readable parquet table ({reason})") from None
+
+
+def read_torch(path: str | Path, device: str | torch.device = "cpu", what: str = "torch file",
+               mmap: bool = False) -> Any:
+    """What `torch.load` finds in a file, unpickling only tensors and plain containers (weights_only=True):
+    RefusedFile if the file asks for anything else (loading it would run code), DamagedFile otherwise.
+    mmap: the tensors stay on disk until used (a cheap check of a large file)."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:  # torch maps only its zip format; any other file is read whole (and checked the same way)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as e:  # zero bytes, text, a truncated zip...: the unpickler's error depends on the bytes
+        text = str(e)
+        if isinstance(e, pickle.UnpicklingError) and (asked := re.search(r"GLOBAL (\S+)", text)):
+            raise RefusedFile(f"{path}: refused: loading it would run code (it asks for {asked[1]}, not only "
+                              f"tensors and plain containers); use only {what}s you trust") from None
+        if isinstance(e, pickle.UnpicklingError) and (found := re.search(r"WeightsUnpickler error:\s*(.+)", text)):
+            reason = f"UnpicklingError: {found[1].strip()[:120]}"
+        else:
+            reason = one_line(e)
+        raise (UnreadableCheckpoint(path, reason) if what == "checkpoint" else
+               DamagedFile(f"{path}: not a readable {what} ({reason})")) from None
+
+
 # -------------------------------------------------------------------------------------- checkpoints
 
 
-class UnreadableCheckpoint(UserError):
+class UnreadableCheckpoint(DamagedFile):
     """A checkpoint file torch cannot load; `reason` is the loader's error as one short line."""
 
     def __init__(self, path: Path, reason: str):
@@ -106,16 +231,10 @@ def checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights_only: bool = False) -> Any:
-    """Whatever `torch.load` finds in a checkpoint file (or its run folder's checkpoint.pt);
-    UnreadableCheckpoint if it cannot. weights_only=True for files from elsewhere: they must not run code."""
-    import torch
-
-    path = checkpoint_path(path)
-    try:
-        return torch.load(path, map_location=device, weights_only=weights_only)
-    except Exception as e:  # zero bytes, text, a truncated zip...: the unpickler's error depends on the bytes
-        raise UnreadableCheckpoint(path, one_line(e)) from None
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Any:
+    """Whatever a checkpoint file (or its run folder's checkpoint.pt) holds, loaded without running code
+    (`read_torch`); UnreadableCheckpoint if it cannot be read, RefusedFile if it would run code."""
+    return read_torch(checkpoint_path(path), device, "checkpoint")
 
 
 def stored_config(ckpt: Any, path: str | Path) -> TrainConfig:
@@ -174,5 +293,5 @@ def weights_mismatch(state_dict: dict, expected: dict) -> str | None:
 
 
 def read_manifest(run_dir: str | Path) -> dict | None:
-    """A training run's `manifest.json`, or None if it has none (ValueError if it is not JSON)."""
+    """A training run's `manifest.json`, or None if it has none (DamagedFile if it is not JSON)."""
     return read_json(Path(run_dir) / "manifest.json")

@@ -7,21 +7,28 @@ Every run ("cell") gets a folder under `results/<scale>/`: codec runs `runs/<arm
 the other notebooks `<notebook>/`. A folder holds `parameters.yaml` (what papermill injected),
 `report.ipynb` (the executed notebook, partial if it failed), `report.html` (rendered without code),
 `papermill.log` and `cell.json` (status, times, error). A cell whose `cell.json` says complete with the
-same parameters is skipped; an interrupted one runs again and resumes (training from its checkpoint, the
-quantizer grid from its finished cells). A failing cell is recorded and the others go on; cells that
-need it are skipped. The command exits 1 if any cell failed, 2 on bad params (before anything runs).
+same parameters is skipped (a codec run only if its files check out: see `run_problems`; damaged files are
+moved aside as `<name>.damaged`, so it re-runs or resumes); an interrupted one runs again and resumes
+(training from its checkpoint, the quantizer grid from its finished cells). A failing cell is recorded and
+the others go on; cells that need it are skipped. The command exits 1 if any cell failed, 2 on bad params
+or a run file that would run code (before anything runs) and when a full or read-only disk stopped it before
+any run finished. SIGTERM or Ctrl-C stop the running notebooks (kernels and training included), mark those
+cells `interrupted`, release the lock and exit 143 / 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
 import html
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,8 +38,19 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from studylib import config as cfglib
-from studylib import locks
-from studylib.storage import atomic_write, read_json, write_json
+from studylib import locks, processes
+from studylib.storage import (
+    DamagedFile,
+    RefusedFile,
+    WriteError,
+    atomic_write,
+    check_writable,
+    read_json,
+    read_parquet,
+    read_torch,
+    warn,
+    write_json,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,6 +112,8 @@ class Outcome:
     statuses: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    finished: int = 0  # cells that ran to `complete` in this invocation
+    stopped: str | None = None  # why no further cell was started (a WriteError: full or read-only disk)
 
     @property
     def failed(self) -> list[str]:
@@ -353,13 +373,90 @@ def notebook_digest(path: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _is_complete(plan: StudyPlan, cell: Cell) -> bool:
-    """Done before, with the same parameters and the same notebook, and its report is there."""
+def _read_record(path: Path) -> dict | None:
+    """A `cell.json` / `study.json`, or None if there is none; a damaged one is None with a warning (it is
+    written again when its cell runs)."""
+    try:
+        return read_json(path)
+    except DamagedFile as e:
+        warn(f"{e}; taken as not done")
+        return None
+
+
+def _is_complete(plan: StudyPlan, cell: Cell, problems: dict[str, str] | None = None) -> bool:
+    """Done before, with the same parameters and the same notebook, its report is there and (a codec run)
+    its files check out (`problems`: what `run_problems` found wrong with them)."""
     folder = plan.folder(cell)
-    record = read_json(folder / "cell.json")
+    record = _read_record(folder / "cell.json")
     return bool(record and record.get("status") == "complete" and record.get("parameters") == cell.parameters
                 and record.get("notebook_digest") == notebook_digest(plan.notebook_path(cell))
-                and (folder / "report.html").is_file())
+                and (folder / "report.html").is_file() and not problems)
+
+
+RUN_TABLES = ("metrics.parquet", "eval_test.parquet", "eval_test_levels.parquet")  # every evaluated codec run's
+
+
+def run_problems(folder: Path, config_hash: str | None = None) -> dict[str, str]:
+    """What is wrong with a codec run's files, by file name, each as one line (empty: they check out):
+    `cell.json` or `manifest.json` that do not read, a table of `RUN_TABLES` missing or unreadable, a
+    `checkpoint.pt` that does not load or whose stored config does not hash to `config_hash` (the run's
+    TrainConfig hash, when given), a `latents.pt` that does not load. A checkpoint may be absent: they stay out
+    of git. RefusedFile if a checkpoint or latents file would run code: that is not damage to repair."""
+    from studylib.storage import stored_config
+
+    problems = {}
+    for name in ("cell.json", "manifest.json"):
+        try:
+            read_json(folder / name)
+        except DamagedFile as e:
+            problems[name] = str(e)
+    for name in RUN_TABLES:
+        try:
+            read_parquet(folder / name)
+        except DamagedFile as e:
+            problems[name] = str(e)
+    for name, what in (("checkpoint.pt", "checkpoint"), ("latents.pt", "latents file")):
+        if (folder / name).is_file():
+            try:  # tensors stay on disk: the check reads the structure and the stored config
+                found = read_torch(folder / name, what=what, mmap=True)
+                if name == "checkpoint.pt" and config_hash is not None:
+                    stored = cfglib.config_hash(stored_config(found, folder / name), exclude=("run_dir", "progress"))
+                    if stored != config_hash:
+                        problems[name] = f"{folder / name}: of another config ({stored}, the run's: {config_hash})"
+            except RefusedFile:
+                raise
+            except cfglib.UserError as e:  # damaged, not a run checkpoint, or a config this studylib cannot read
+                problems[name] = str(e)
+    return problems
+
+
+def _codec_run_hash(cell: Cell) -> str:
+    """The TrainConfig hash `train` gives a codec cell's run (what its checkpoint must store)."""
+    params = cell.parameters["params"]
+    cfg = _codec_config(Path(params[0]), Path(params[1]), cell.parameters["overrides"])
+    return cfglib.config_hash(cfg, exclude=("run_dir", "progress"))
+
+
+def _check_codec_runs(plan: StudyPlan) -> dict[str, dict[str, str]]:
+    """`run_problems` of every codec run folder of the plan, but latents.pt (02's cache, dumped again when
+    missing): RefusedFile stops the study before anything runs. Damaged files of the selected runs are moved
+    aside (`<name>.damaged`, a warning naming each), so that the run resumes or trains again and its notebook
+    evaluates again."""
+    found = {}
+    for cell in plan.cells:
+        folder = plan.folder(cell)
+        if cell.notebook != "03_train_codec" or not folder.is_dir():
+            continue
+        problems = run_problems(folder, _codec_run_hash(cell))
+        for name, why in problems.items():
+            # cell.json is rewritten when the cell runs; a missing table has nothing to move
+            if (cell.name in plan.selected or name == "latents.pt") and name != "cell.json" \
+                    and (folder / name).is_file():
+                os.replace(folder / name, folder / f"{name}.damaged")
+                warn(f"{why}; moved aside to {name}.damaged, " + ("02 dumps it again" if name == "latents.pt"
+                                                                    else "the run goes again"))
+        found[cell.name] = {name: why for name, why in problems.items() if name != "latents.pt"}
+    return found
 
 
 def _first_error(notebook: Path) -> str | None:
@@ -385,36 +482,91 @@ def render_html(notebook: Path, out: Path) -> Path:
     return atomic_write(out, lambda p: p.write_text(body, encoding="utf-8"))
 
 
+class Children:
+    """The papermill processes a study runs, so that a signal stops them and all they run before it exits."""
+
+    def __init__(self) -> None:
+        self.procs: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def run(self, cmd: list[str], **kwargs) -> int | None:
+        """Run `cmd` in a session of its own (Ctrl-C in the terminal reaches the runner only) and wait for it;
+        None if the study is stopping (then it does not start)."""
+        with self.lock:
+            if self.stopping.is_set():
+                return None
+            proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+            self.procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.procs.discard(proc)
+
+    def stop(self, token: str) -> None:
+        """Stop every running notebook and what it runs (`processes.stop`: kernels first, so a training run
+        marks itself interrupted); further signals wait until that is done."""
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with self.lock:
+                self.stopping.set()
+                running = list(self.procs)
+            processes.stop(token, running)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
 def execute_cell(plan: StudyPlan, cell: Cell, env: dict[str, str] | None = None,
-                 verbose: bool = False) -> tuple[str, str | None]:
-    """Run one cell's notebook with papermill in a subprocess and render it; returns (status, error)."""
+                 verbose: bool = False, children: Children | None = None) -> tuple[str, str | None]:
+    """Run one cell's notebook with papermill in a subprocess and render it; returns (status, error).
+
+    papermill writes to a temporary name: a whole notebook (complete, or partial when it failed or was
+    interrupted) is then moved to report.ipynb, one cut short (a full disk) removed."""
+    children = children or Children()
     folder = plan.folder(cell)
     record = _record(cell, status="running", started=datetime.now(UTC).isoformat(),
                      notebook_digest=notebook_digest(plan.notebook_path(cell)), report="report.html",
                      executed="report.ipynb", log="papermill.log")
     write_json(record, folder / "cell.json")
-    (folder / "parameters.yaml").write_text(yaml.safe_dump(cell.parameters, sort_keys=False))
-    out_nb = folder / "report.ipynb"
-    cmd = [sys.executable, "-m", "papermill", str(plan.notebook_path(cell)), str(out_nb),
+    atomic_write(folder / "parameters.yaml", lambda p: p.write_text(yaml.safe_dump(cell.parameters, sort_keys=False)))
+    out_nb, partial = folder / "report.ipynb", folder / ".report.tmp.ipynb"
+    out_nb.unlink(missing_ok=True)  # an earlier run's report must not pass for this one's
+    cmd = [sys.executable, "-m", "papermill", str(plan.notebook_path(cell)), str(partial),
            "-f", str(folder / "parameters.yaml"), "-k", "python3", "--cwd", str(folder),
            "--execution-timeout", str(plan.timeout_s), "--no-progress-bar", "--log-output"]
     started = time.perf_counter()
-    with open(folder / "papermill.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=None if verbose else log, stderr=subprocess.STDOUT if not verbose else None,
-                              env=env, cwd=folder)
+    try:
+        with open(folder / "papermill.log", "w") as log:
+            code = children.run(cmd, stdout=None if verbose else log,
+                                stderr=subprocess.STDOUT if not verbose else None, env=env, cwd=folder)
+    finally:
+        _keep_notebook(partial, out_nb)
     error = None
-    if proc.returncode != 0:
+    if children.stopping.is_set():
+        error = "interrupted: the study was stopped; run it again to resume"
+    elif code != 0:
         error = _first_error(out_nb) or _log_tail(folder / "papermill.log")
     if out_nb.is_file():
         try:
             render_html(out_nb, folder / "report.html")
         except Exception as e:  # a report that cannot render is a failed cell, not a crashed study
             error = error or f"rendering report.html failed: {type(e).__name__}: {e}"
-    status = "failed" if error else "complete"
+    status = "interrupted" if children.stopping.is_set() else "failed" if error else "complete"
     record.update(status=status, error=error, finished=datetime.now(UTC).isoformat(),
                   seconds=round(time.perf_counter() - started, 1))
     write_json(record, folder / "cell.json")
     return status, error
+
+
+def _keep_notebook(partial: Path, out: Path) -> None:
+    """papermill's output under its real name if it is a whole notebook; removed if it was cut short."""
+    try:
+        json.loads(partial.read_text())
+        os.replace(partial, out)
+    except (OSError, ValueError):
+        partial.unlink(missing_ok=True)
 
 
 def _log_tail(path: Path, lines: int = 6) -> str:
@@ -439,18 +591,32 @@ def _ensure_manifest(plan: StudyPlan, data: Path) -> None:
 def run_study(plan: StudyPlan, jobs: int = 1, gpus: list[int] | None = None, data: str | Path = "data",
               verbose: bool = False) -> Outcome:
     """Execute the selected cells of `plan` in dependency order, `jobs` at a time (or one per GPU), holding
-    the results folder's lock (UserError naming the PID if another study holds it)."""
+    the results folder's lock (UserError naming the PID if another study holds it). On Ctrl-C or SIGTERM the
+    running cells are stopped and marked interrupted before the KeyboardInterrupt goes on (a note on it
+    names them)."""
     _ensure_manifest(plan, Path(data))
-    with locks.hold_lock(plan.results, "studylib study"):
-        return _run_cells(plan, jobs, gpus, verbose)
+    with locks.hold_lock(plan.results, "studylib study") as lock:
+        return _run_cells(plan, jobs, gpus, verbose, read_json(lock)["token"])
 
 
-def _run_cells(plan: StudyPlan, jobs: int, gpus: list[int] | None, verbose: bool) -> Outcome:
+def _disk_problem(plan: StudyPlan, error: str | None) -> str | None:
+    """Why the study cannot go on writing (a WriteError: full or read-only disk), or None."""
+    if error and error.startswith("WriteError: "):
+        return error.removeprefix("WriteError: ")
+    try:
+        check_writable(plan.results)
+    except WriteError as e:
+        return str(e)
+    return None
+
+
+def _run_cells(plan: StudyPlan, jobs: int, gpus: list[int] | None, verbose: bool, token: str) -> Outcome:
     from tqdm.auto import tqdm
 
     outcome, started = Outcome(), time.perf_counter()
+    problems = _check_codec_runs(plan)
     for cell in plan.cells:
-        complete = _is_complete(plan, cell)
+        complete = _is_complete(plan, cell, problems.get(cell.name))
         if cell.name not in plan.selected:
             outcome.statuses[cell.name] = "complete" if complete else "not selected"
         elif complete and not cell.always:
@@ -464,8 +630,11 @@ def _run_cells(plan: StudyPlan, jobs: int, gpus: list[int] | None, verbose: bool
     running: dict[futures.Future, tuple[Cell, list[int]]] = {}
     todo = [c for c in plan.cells if outcome.statuses[c.name] == "pending"]
     bar = tqdm(total=len(todo), desc=f"study {plan.scale}", unit="run", dynamic_ncols=True, disable=None)
+    children = Children()
 
     def blocked(cell: Cell) -> str | None:
+        if outcome.stopped:
+            return f"not started: {outcome.stopped}"
         if cell.always:  # an aggregation: it reports on whatever its needs left on disk
             return None
         for need in cell.needs:
@@ -475,61 +644,97 @@ def _run_cells(plan: StudyPlan, jobs: int, gpus: list[int] | None, verbose: bool
         return None
 
     with futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        while todo or running:
-            for cell in list(todo):
-                reason = blocked(cell)
-                if reason:
+        try:
+            while todo or running:
+                for cell in list(todo):
+                    reason = blocked(cell)
+                    if reason:
+                        todo.remove(cell)
+                        outcome.statuses[cell.name], outcome.errors[cell.name] = "skipped", reason
+                        with _quiet_if(outcome.stopped):
+                            _record_skip(plan, cell, reason)
+                        bar.update(1)
+                        tqdm.write(f"  skipped {cell.name}: {reason}")
+                        continue
+                    ready = all(outcome.statuses[n] in (FINAL if cell.always else ("complete",)) for n in cell.needs)
+                    slots = min(cell.gpus, len(gpus)) if gpus else 0
+                    if not ready or len(running) >= workers or slots > len(free_gpus):
+                        continue
+                    taken = [free_gpus.pop(0) for _ in range(slots)]
+                    env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+                    if gpus:
+                        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, taken))
                     todo.remove(cell)
-                    outcome.statuses[cell.name], outcome.errors[cell.name] = "skipped", reason
-                    _record_skip(plan, cell, reason)
+                    outcome.statuses[cell.name] = "running"
+                    tqdm.write(f"  start {cell.name} ({cell.notebook}); log: {plan.folder(cell) / 'papermill.log'}")
+                    running[pool.submit(execute_cell, plan, cell, env, verbose, children)] = (cell, taken)
+                if not running:
+                    if todo:  # nothing can start and nothing runs: a dependency outside the plan
+                        for cell in todo:
+                            outcome.statuses[cell.name] = "skipped"
+                        todo.clear()
+                    break
+                done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                for future in done:
+                    cell, taken = running.pop(future)
+                    free_gpus.extend(taken)
+                    try:
+                        status, error = future.result()
+                    except Exception as e:  # the runner itself failed on this cell: record it, go on
+                        status, error = "failed", f"{type(e).__name__}: {e}"
+                    outcome.statuses[cell.name] = status
+                    outcome.finished += status == "complete"
+                    if error:
+                        outcome.errors[cell.name] = error
+                    if status == "failed" and not outcome.stopped:
+                        outcome.stopped = _disk_problem(plan, error)
+                    record = _read_record(plan.folder(cell) / "cell.json") or {}
                     bar.update(1)
-                    tqdm.write(f"  skipped {cell.name}: {reason}")
-                    continue
-                ready = all(outcome.statuses[n] in (FINAL if cell.always else ("complete",)) for n in cell.needs)
-                slots = min(cell.gpus, len(gpus)) if gpus else 0
-                if not ready or len(running) >= workers or slots > len(free_gpus):
-                    continue
-                taken = [free_gpus.pop(0) for _ in range(slots)]
-                env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, taken))
-                todo.remove(cell)
-                outcome.statuses[cell.name] = "running"
-                tqdm.write(f"  start {cell.name} ({cell.notebook}); log: {plan.folder(cell) / 'papermill.log'}")
-                running[pool.submit(execute_cell, plan, cell, env, verbose)] = (cell, taken)
-            if not running:
-                if todo:  # nothing can start and nothing runs: a dependency outside the plan
-                    for cell in todo:
-                        outcome.statuses[cell.name] = "skipped"
-                    todo.clear()
-                break
-            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
-            for future in done:
-                cell, taken = running.pop(future)
-                free_gpus.extend(taken)
-                try:
-                    status, error = future.result()
-                except Exception as e:  # the runner itself failed on this cell: record it, go on
-                    status, error = "failed", f"{type(e).__name__}: {e}"
-                outcome.statuses[cell.name] = status
-                if error:
-                    outcome.errors[cell.name] = error
-                record = read_json(plan.folder(cell) / "cell.json") or {}
-                bar.update(1)
-                seconds = record.get("seconds", 0)
-                tqdm.write(f"  {status} {cell.name} in {seconds:.0f} s" + (f": {error}" if error else ""))
+                    seconds = record.get("seconds", 0)
+                    tqdm.write(f"  {status} {cell.name} in {seconds:.0f} s" + (f": {error}" if error else ""))
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: stop the notebooks (and kernels) before going
+            children.stop(token)
+            stopped = [cell.name for cell, _ in running.values()]
+            futures.wait(running)
+            for name in stopped:
+                outcome.statuses[name] = "interrupted"
+            e.add_note(f"{len(stopped)} running run(s) stopped and marked interrupted"
+                       + (f" ({', '.join(stopped)})" if stopped else ""))
+            bar.close()
+            _write_summary(plan, outcome, started, findings=False)
+            raise
     bar.close()
+    _write_summary(plan, outcome, started)
+    return outcome
+
+
+@contextlib.contextmanager
+def _quiet_if(stopped: str | None):
+    """Where the disk already refused: records that cannot be written are not a second error."""
+    try:
+        yield
+    except WriteError:
+        if not stopped:
+            raise
+
+
+def _write_summary(plan: StudyPlan, outcome: Outcome, started: float, findings: bool = True) -> None:
+    """study.json, results/index.html and (findings) summary.csv and the READMEs' headline table; on a disk
+    that refuses, the study says so once (`outcome.stopped`) instead of failing again."""
     outcome.seconds = time.perf_counter() - started
     summary = {"scale": plan.scale, "finished": datetime.now(UTC).isoformat(), "seconds": round(outcome.seconds, 1),
                "manifest": str(plan.manifest), "cells": [
                    {"name": c.name, "notebook": c.notebook, "arm": c.arm, "seed": c.seed,
                     "status": outcome.statuses[c.name], "error": outcome.errors.get(c.name)} for c in plan.cells]}
-    write_json(summary, plan.results / "study.json")
-    write_index(plan.results.parent)
-    from studylib.findings import write_findings
+    try:
+        write_json(summary, plan.results / "study.json")
+        write_index(plan.results.parent)
+        if findings:
+            from studylib.findings import write_findings
 
-    write_findings(plan.results.parent)  # results/summary.csv and the README's headline table
-    return outcome
+            write_findings(plan.results.parent)  # results/summary.csv and the README's headline table
+    except WriteError as e:
+        outcome.stopped = outcome.stopped or str(e)
 
 
 def _record(cell: Cell, **fields) -> dict:
@@ -549,7 +754,8 @@ def _record_skip(plan: StudyPlan, cell: Cell, reason: str) -> None:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;width:100%;margin:1em 0}th,td{border-bottom:1px solid #ddd;padding:.35em .6em;
 text-align:left;font-size:.92em}th{background:#f5f5f5}.complete{color:#1a7f37}.failed{color:#cf222e;font-weight:bold}
-.skipped,.running,.pending{color:#9a6700}code{background:#f5f5f5;padding:0 .2em}.err{color:#cf222e;font-size:.85em}"""
+.skipped,.running,.pending,.interrupted{color:#9a6700}code{background:#f5f5f5;padding:0 .2em}
+.err{color:#cf222e;font-size:.85em}"""
 
 
 def write_index(results: str | Path) -> Path:
@@ -558,11 +764,13 @@ def write_index(results: str | Path) -> Path:
     sections = []
     for study_file in sorted(results.glob("*/study.json")):
         scale_dir = study_file.parent
-        study = read_json(study_file)
+        study = _read_record(study_file)
+        if not study:
+            continue
         rows = []
         for entry in study["cells"]:
             folder = scale_dir / entry["name"]
-            record = read_json(folder / "cell.json") or {}
+            record = _read_record(folder / "cell.json") or {}
             status = record.get("status", entry["status"])
             # the report only: executed notebooks stay out of git, so a committed index must not link them
             links = [f'<a href="{scale_dir.name}/{entry["name"]}/report.html">report</a>'] \
@@ -603,8 +811,6 @@ def write_index(results: str | Path) -> Path:
 def train_run(params: list[str], overrides: dict, run_dir: str | Path, nproc_per_node: int = 1):
     """Train (or resume) a codec run from a notebook: in this process, or under torchrun with
     `nproc_per_node` processes (DDP: gloo on CPU, nccl on GPU). Returns the run's metrics table."""
-    import pandas as pd
-
     from studylib.train import TrainConfig, read_manifest, train
 
     sets = {**overrides, "run_dir": str(run_dir)}
@@ -620,7 +826,7 @@ def train_run(params: list[str], overrides: dict, run_dir: str | Path, nproc_per
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return pd.read_parquet(Path(run_dir) / "metrics.parquet")
+    return read_parquet(Path(run_dir) / "metrics.parquet")
 
 
 RUN_NAME = re.compile(r"(?P<arm>.+)-(?P<config_hash>[0-9a-f]{10})-s(?P<seed>\d+)")  # runs/<arm>-<hash>-s<seed>
@@ -637,6 +843,7 @@ class Run:
     status: str  # training: manifest.json's status ("complete", "failed", ...), "not started" without one
     folder: Path
     manifest: dict = field(default_factory=dict, compare=False, repr=False)  # manifest.json, {} without one
+    problem: str | None = field(default=None, compare=False)  # its cell.json or manifest.json does not read
 
     @property
     def checkpoint(self) -> Path:
@@ -681,25 +888,46 @@ class Run:
 
 def read_run(folder: str | Path) -> Run:
     """The `Run` of one codec run folder: arm and seed from the runner's `cell.json` and the training
-    `manifest.json`, falling back to the folder name (`<arm>-<config hash>-s<seed>`)."""
-    folder = Path(folder)
-    manifest = read_json(folder / "manifest.json") or {}
-    cell = read_json(folder / "cell.json") or {}
+    `manifest.json`, falling back to the folder name (`<arm>-<config hash>-s<seed>`). A record that does not
+    read is left out, and named in `problem`."""
+    folder, records, problem = Path(folder), {}, None
+    for name in ("manifest.json", "cell.json"):
+        try:
+            records[name] = read_json(folder / name) or {}
+        except DamagedFile as e:
+            records[name], problem = {}, problem or str(e)
+    manifest, cell = records["manifest.json"], records["cell.json"]
     named = RUN_NAME.fullmatch(folder.name)
     seed = manifest.get("seed", cell.get("seed", int(named["seed"]) if named else None))
     return Run(name=folder.name, arm=cell.get("arm") or (named["arm"] if named else folder.name),
                seed=seed, config_hash=named["config_hash"] if named else None,
-               status=manifest.get("status", "not started"), folder=folder, manifest=manifest)
+               status=manifest.get("status", "not started"), folder=folder, manifest=manifest, problem=problem)
 
 
 def list_runs(results_dir: str | Path, evaluated: bool = False) -> list[Run]:
     """Every codec run of one scale's results folder (`results_dir/runs/*/` holding a manifest.json or a
-    cell.json), sorted by folder name; with `evaluated`, only those scored on the test windows. The one
-    way the runner, the findings and the notebooks find runs on disk."""
+    cell.json), sorted by folder name; with `evaluated`, only those scored on the test windows whose records
+    and tables (`RUN_TABLES`) read: a damaged one is skipped with a warning naming it. The one way the runner,
+    the findings and the notebooks find runs on disk."""
     folders = sorted(p for p in Path(results_dir).glob("runs/*")
                      if p.is_dir() and ((p / "manifest.json").is_file() or (p / "cell.json").is_file()))
     runs = [read_run(folder) for folder in folders]
-    return [r for r in runs if r.evaluated] if evaluated else runs
+    return [r for r in runs if r.evaluated and _readable(r)] if evaluated else runs
+
+
+def _readable(run: Run) -> bool:
+    """Whether an evaluated run's records and tables read; a warning naming the first that does not."""
+    problem = run.problem
+    for name in RUN_TABLES:
+        if problem:
+            break
+        try:
+            read_parquet(run.folder / name)
+        except DamagedFile as e:
+            problem = str(e)
+    if problem:
+        warn(f"skipped the run {run.folder}: {problem}")
+    return problem is None
 
 
 def runs_table(runs: list[Run]) -> pd.DataFrame:
@@ -713,7 +941,7 @@ def run_tables(runs: list[Run], file: str) -> pd.DataFrame:
     """The table `file` (e.g. eval_test.parquet) of every run, one frame, tagged with arm, seed and run."""
     import pandas as pd
 
-    return pd.concat([pd.read_parquet(r.folder / file).assign(arm=r.arm, seed=r.seed, run=r.name) for r in runs],
+    return pd.concat([read_parquet(r.folder / file).assign(arm=r.arm, seed=r.seed, run=r.name) for r in runs],
                      ignore_index=True)
 
 
@@ -747,6 +975,15 @@ def _parse_gpus(text: str | None) -> list[int] | None:
         raise StudyError(f"--gpus: got {text!r}, allowed a comma-separated list of GPU indices such as 0,1") from None
     if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
         raise StudyError(f"--gpus: got {text!r}, allowed distinct GPU indices >= 0 such as 0,1")
+    import torch
+
+    count = torch.cuda.device_count()  # the devices CUDA_VISIBLE_DEVICES leaves visible
+    if not count:
+        raise StudyError(f"--gpus: got {text!r}, but torch sees no CUDA device on this machine; leave --gpus out to "
+                         "run on the CPU")
+    if max(gpus) >= count:
+        raise StudyError(f"--gpus: got {text!r}, but torch sees {count} CUDA device(s): allowed indices 0 to "
+                         f"{count - 1}")
     return gpus
 
 
@@ -778,11 +1015,22 @@ def cli(argv: list[str]) -> int:
 
     try:
         outcome = run_study(plan, args.jobs, gpus, args.data, args.verbose)
-    except (cfglib.UserError, CorpusError) as e:  # a locked or read-only results folder, a corpus not built
-        print(f"studylib study: {e}", file=sys.stderr)
+    except (cfglib.UserError, CorpusError) as e:  # a locked or read-only results folder, a corpus not built, a
+        print(f"studylib study: {e}", file=sys.stderr)  # run file that would run code: before anything ran
         return 2
+    except KeyboardInterrupt as e:  # the running notebooks are stopped and marked interrupted, the lock released
+        signal_name, code = processes.stop_signal(e)
+        stopped = e.__notes__[-1] if getattr(e, "__notes__", None) else "nothing was running"
+        print(f"studylib study: stopped by {signal_name}: {stopped}; run the same command again to resume",
+              file=sys.stderr)
+        return code
     index = Path(args.results) / "index.html"
     print(f"studylib study: {len(outcome.failed)} failed, {outcome.seconds / 60:.1f} min; open {index}")
+    if outcome.stopped:  # a full or read-only disk: the one reason, not the same error for every run
+        print(f"studylib study: {outcome.stopped} (stopped starting runs: {len(outcome.failed)} failed, "
+              f"{sum(e.startswith('not started') for e in outcome.errors.values())} not started, {outcome.finished} "
+              f"finished; run the same command again once it is fixed)", file=sys.stderr)
+        return 1 if outcome.finished else 2
     for name in outcome.failed:
         print(f"  FAILED {name}: {outcome.errors.get(name)}", file=sys.stderr)
     return 1 if outcome.failed else 0

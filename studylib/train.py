@@ -34,20 +34,28 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from studylib import config as cfglib
-from studylib import distributed, locks, metrics
+from studylib import distributed, locks, metrics, processes
 from studylib.codec import EMA_QUANTIZERS, QUANTIZERS, Codec, CodecConfig
 from studylib.config import UserError
-from studylib.data import AudioDataset, NonFiniteAudio
+from studylib.data import AudioDataset, BadAudio, NonFiniteAudio
 from studylib.discriminator import MultiScaleSTFTDiscriminator, discriminator_step_loss, generator_losses
 from studylib.losses import Balancer, MultiScaleMelLoss, neg_si_sdr
 from studylib.quantization import MODES, THRESHOLD_KINDS, ExpiryConfig, NonFiniteError
+from studylib.storage import (
+    WriteError,
+    read_checkpoint,
+    read_manifest,
+    save_torch,
+    stored_config,
+    write_json,
+    write_parquet,
+)
 from studylib.storage import load_checkpoint as load_checkpoint  # here too, for study.py and the notebooks
-from studylib.storage import read_checkpoint, read_manifest, save_torch, stored_config, write_json, write_parquet
 
 PRESETS = ("tiny", "small", "encodec_24khz")
 DEVICES = ("auto", "cpu", "cuda")
 DDP_BUFFERS = ("average", "none")
-STATUSES = ("running", "complete", "failed")
+STATUSES = ("running", "complete", "failed", "interrupted")
 # Fields that say how a run executes, not what it trains: left out of its config hash (run folders, resume).
 NOT_HASHED = ("run_dir", "progress", "compile", "milestones")
 
@@ -360,9 +368,13 @@ def train(cfg: TrainConfig) -> Run:
     in the data).
 
     Bad input raises UserError (one line naming the file or folder) before anything is written: the manifest
-    (checked whole by AudioDataset), a run folder in use by another process (`.lock`, held by rank 0), one
-    that cannot be written, and a checkpoint that is unreadable or of another config."""
+    (checked whole by AudioDataset, every audio file decoded at its header and its end), a run folder in use by
+    another process (`.lock`, held by rank 0), one that cannot be written, a checkpoint that is unreadable, of
+    another config or that would run code, and device cuda without a CUDA device. A full disk mid-run is a
+    WriteError (status failed); Ctrl-C or SIGTERM leaves the run `interrupted`, resumable from its checkpoint."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: got 'cuda', but torch sees no CUDA device on this machine; use auto or cpu")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -410,11 +422,20 @@ class Session:
     rows: list[dict]  # the metrics so far: one flat dict per logged step (from the checkpoint on resume)
     manifest: dict = dataclasses.field(default_factory=dict)  # manifest.json as last written
     done: int = 0  # steps completed, which error messages name
+    saved: int = 0  # the step of the checkpoint on disk (0: none yet), where an interrupted run resumes
 
     def write_manifest(self, **fields: Any) -> None:
         self.manifest.update(fields)
         if self.data.rank == 0:
             write_json(self.manifest, self.run_dir / "manifest.json")
+
+    def record_end(self, **fields: Any) -> None:
+        """The manifest's last word on a run that stops early, where it can still be written (a full disk
+        may refuse even that: the error that stopped the run is what the caller reports)."""
+        try:
+            self.write_manifest(**fields, finished=_now())
+        except WriteError:
+            pass
 
     def write_metrics(self) -> None:
         if self.data.rank == 0:
@@ -429,6 +450,7 @@ class Session:
             save_torch(state, self.run_dir / "checkpoint.pt")
             if self.done in self.cfg.milestones:
                 save_torch(state, milestone_checkpoint(self.run_dir, self.done))
+        self.saved = self.done
 
 
 def _setup(cfg: TrainConfig, run_dir: Path, data: Data) -> Session:
@@ -437,7 +459,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, data: Data) -> Session:
     chash = cfglib.config_hash(cfg, exclude=NOT_HASHED)
     try:
         previous = read_manifest(run_dir) or {}
-    except ValueError:  # not JSON (edited by hand?): it is rewritten below
+    except ValueError:  # not JSON (damaged, edited by hand?): it is rewritten below
         previous = {}
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = _resume_checkpoint(ckpt_path, chash, run_dir, data.device) if ckpt_path.exists() else None
@@ -448,8 +470,10 @@ def _setup(cfg: TrainConfig, run_dir: Path, data: Data) -> Session:
         session.start, session.rows = ckpt["step"], ckpt["rows"]
         started = previous.get("started", started)
         del ckpt
-    session.done = session.start
+    session.done = session.saved = session.start
     session.write_manifest(**_run_record(cfg, chash, data, started, session.start))
+    if session.start:  # the metrics as of the checkpoint: a damaged or newer metrics.parquet is replaced
+        session.write_metrics()
     return session
 
 
@@ -494,21 +518,32 @@ def _advice(what_to_do: str):
 
 
 def _train(session: Session) -> Run:
-    """Run the steps left; on divergence or NaN in the data the run ends `failed` (manifest and metrics
-    say why), on anything else (a kill, a crash) the manifest says so and the last checkpoint stays."""
+    """Run the steps left; on divergence or bad data the run ends `failed` (manifest and metrics say why);
+    Ctrl-C or SIGTERM leave it `interrupted` (the exception carries a note saying where it resumes); a full
+    disk or anything else (a crash) leaves it `failed` with the error. The last checkpoint stays resumable."""
     cfg, started = session.cfg, time.perf_counter()
     try:
         _loop(session, started)
-    except (TrainingDiverged, NonFiniteAudio) as e:
+    except (TrainingDiverged, BadAudio) as e:
         error = str(e) if isinstance(e, TrainingDiverged) else f"step {session.done}: {e}"
         session.write_manifest(status="failed", error=error, finished=_now())
         session.write_metrics()
         print(f"studylib train: {error}", file=sys.stderr)
         steps = session.rows[-1]["step"] if session.rows else session.start
         return Run(session.run_dir, "failed", steps, pd.DataFrame(session.rows))
-    except BaseException as e:  # interrupted or crashed: the last checkpoint stays resumable
-        session.write_manifest(status="failed", error=f"{type(e).__name__}: {e}", finished=_now(),
-                               traceback=traceback.format_exc(limit=5))
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or the study stopping the kernel this runs in
+        signal, _ = processes.stop_signal(e)
+        resume = (f"resumes it from its checkpoint at step {session.saved}" if session.saved else
+                  "starts it over (no checkpoint yet)")
+        note = f"interrupted by {signal} at step {session.done} of {cfg.steps}; the same command {resume}"
+        session.record_end(status="interrupted", error=note)
+        e.add_note(note)
+        raise
+    except WriteError as e:  # the disk is full or the folder became read-only
+        session.record_end(status="failed", error=str(e))
+        raise
+    except BaseException as e:  # crashed: the last checkpoint stays resumable
+        session.record_end(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=5))
         raise
     if session.data.world > 1:  # each rank's codebooks, to show whether ranks agree
         save_torch({k: v.cpu() for k, v in session.parts.model.quantizer.named_buffers()},
@@ -692,13 +727,19 @@ def cli(argv: list[str]) -> int:
     try:
         cfg = cfglib.load(TrainConfig, args.params, args.sets)
         run = train(cfg)
-    except UserError as e:  # bad params, manifest, checkpoint or run folder: before anything was written
+    except UserError as e:  # bad params, manifest, checkpoint or run folder (before anything was written); full disk
         print(f"studylib train: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # the run is marked interrupted, its lock released
+        signal, code = processes.stop_signal(e)
+        where = e.__notes__[-1] if getattr(e, "__notes__", None) else f"stopped by {signal}"
+        print(f"studylib train: {where}", file=sys.stderr)
+        return code
     if distributed.is_distributed():
         dist.destroy_process_group()
     return 0 if run.status == "complete" else 1
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # torchrun's entry: SIGTERM (torchrun passes it on) stops a rank like Ctrl-C
+    processes.raise_on_sigterm()
     sys.exit(cli(sys.argv[1:]))

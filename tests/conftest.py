@@ -1,7 +1,9 @@
-"""Shared fixtures: a small synthetic corpus built through the real corpus builder (audio-dir mode)."""
+"""Shared fixtures: a small synthetic corpus built through the real corpus builder (audio-dir mode), a tiny
+finished run, and the helpers that run the CLI as a user would (exit code, the one-line message, the files)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from studylib import locks
 from studylib.corpus import build_corpus
 
 ROOT = Path(__file__).parents[1]
@@ -95,8 +98,9 @@ def ci_data(tmp_path_factory) -> Path:
 
 
 def train_killed_then_resumed(cfg, kill_at_step: int, monkeypatch) -> Path:
-    """Train `cfg` until step `kill_at_step` (0-based) raises KeyboardInterrupt, check the run is recorded as failed,
-    then train it again from its last checkpoint; returns the run folder of the completed run."""
+    """Train `cfg` until step `kill_at_step` (0-based) raises KeyboardInterrupt, check the run is recorded as
+    interrupted (resumable, not failed), then train it again from its last checkpoint; returns the run folder of the
+    completed run."""
     from studylib import train as trainlib
 
     real_batch = trainlib._train_batch
@@ -110,7 +114,77 @@ def train_killed_then_resumed(cfg, kill_at_step: int, monkeypatch) -> Path:
     with pytest.raises(KeyboardInterrupt):
         trainlib.train(cfg)
     manifest = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and "simulated kill" in manifest["error"]
+    assert manifest["status"] == "interrupted" and manifest["error"].startswith(
+        f"interrupted by SIGINT at step {kill_at_step + 1} of {cfg.steps}; the same command resumes it")
     monkeypatch.setattr(trainlib, "_train_batch", real_batch)
     assert trainlib.train(cfg).status == "complete"
     return Path(cfg.run_dir)
+
+
+# ------------------------------------------------------------------- the CLI as a user runs it
+
+
+ARMS = ROOT / "params" / "arms"
+TINY = ["progress=false", "steps=2", "log_every=1", "valid_every=2", "checkpoint_every=2", "valid_items=2"]
+
+
+def studylib(*args, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "studylib", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def train_cli(*params, sets: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return studylib("train", *params, *sum((["--set", s] for s in sets), []), cwd=cwd)
+
+
+def one_line(proc: subprocess.CompletedProcess, code: int, command: str, *fragments: str) -> str:
+    """The single stderr line, after checking the exit code and that it names what it should."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"studylib {command}: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder below `folder` with its size and mtime: equal snapshots = nothing written."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder`, unwritable even for root (who ignores permissions: the folder is made immutable instead)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    immutable = False
+    try:
+        probe = folder / "probe"
+        try:
+            probe.touch()
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
+                                                                 capture_output=True).returncode:
+                pytest.skip("running as root without chattr +i: cannot make a read-only folder")
+            immutable = True
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def fixed_rel_run(synthetic_manifest, tmp_path_factory) -> Path:
+    """A finished two-step tiny run of the fixed_rel arm, trained through the CLI."""
+    run_dir = tmp_path_factory.mktemp("bad_input") / "fixed_rel"
+    proc = train_cli(SMOKE, ARMS / "fixed_rel.yaml", sets=[f"manifest={synthetic_manifest}", f"run_dir={run_dir}",
+                                                          *TINY])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (run_dir / locks.LOCK_NAME).exists(), "the lock is removed when the run ends"
+    return run_dir

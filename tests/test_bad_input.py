@@ -7,7 +7,6 @@ Failed runs (divergence, NaN in the data found while training): exit 1, one line
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -23,75 +22,10 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import ROOT, SMOKE
+from conftest import ARMS, ROOT, SMOKE, TINY, one_line, read_only, studylib, train_cli, tree
 
 from studylib import locks
 from studylib.corpus import SPLITS, load_manifest
-
-ARMS = ROOT / "params" / "arms"
-TINY = ["progress=false", "steps=2", "log_every=1", "valid_every=2", "checkpoint_every=2", "valid_items=2"]
-
-
-def studylib(*args, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "studylib", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
-
-def train_cli(*params, sets: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return studylib("train", *params, *sum((["--set", s] for s in sets), []), cwd=cwd)
-
-
-def one_line(proc: subprocess.CompletedProcess, code: int, command: str, *fragments: str) -> str:
-    """The single stderr line, after checking the exit code and that it names what it should."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == code, proc.stderr[-3000:]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith(f"studylib {command}: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def tree(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder below `folder` with its size and mtime: equal snapshots = nothing written."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
-
-
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """`folder`, unwritable even for root (who ignores permissions: the folder is made immutable instead)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o555)
-    immutable = False
-    try:
-        probe = folder / "probe"
-        try:
-            probe.touch()
-        except OSError:
-            pass
-        else:
-            probe.unlink()
-            if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
-                                                                 capture_output=True).returncode:
-                pytest.skip("running as root without chattr +i: cannot make a read-only folder")
-            immutable = True
-        yield folder
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        folder.chmod(0o755)
-
-
-@pytest.fixture(scope="module")
-def fixed_rel_run(synthetic_manifest, tmp_path_factory) -> Path:
-    """A finished two-step tiny run of the fixed_rel arm, trained through the CLI."""
-    run_dir = tmp_path_factory.mktemp("bad_input") / "fixed_rel"
-    proc = train_cli(SMOKE, ARMS / "fixed_rel.yaml", sets=[f"manifest={synthetic_manifest}", f"run_dir={run_dir}",
-                                                          *TINY])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not (run_dir / locks.LOCK_NAME).exists(), "the lock is removed when the run ends"
-    return run_dir
 
 
 def _copy_run(run: Path, to: Path, *names: str) -> Path:
@@ -183,7 +117,7 @@ def test_checkpoint_of_another_config_is_refused_naming_both_hashes(fixed_rel_ru
 
 
 def test_audit_checks_the_weights_against_their_stored_config(fixed_rel_run, tmp_path):
-    ckpt = torch.load(fixed_rel_run / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(fixed_rel_run / "checkpoint.pt", weights_only=True)
     ckpt["config"]["model"] = "small"  # tiny weights labelled small
     path = tmp_path / "relabelled.pt"
     torch.save(ckpt, path)
@@ -336,7 +270,7 @@ def test_evaluate_on_a_checkpoint_it_cannot_use(case, fixed_rel_run, tmp_path):
         path.write_text("these are not weights\n")
         message = "not a readable checkpoint ("
     else:
-        ckpt = torch.load(fixed_rel_run / "checkpoint.pt", weights_only=False)
+        ckpt = torch.load(fixed_rel_run / "checkpoint.pt", weights_only=True)
         ckpt["config"]["n_filters"] = 16  # the weights are the tiny preset's (n_filters 4)
         torch.save(ckpt, path)
         message = "the weights do not fit the stored config (model tiny"

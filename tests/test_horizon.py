@@ -13,6 +13,7 @@ from conftest import smoke_config
 
 from studylib import evaluate, findings, horizon, study
 from studylib import train as trainlib
+from studylib.storage import read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_milestones_keep_their_checkpoints_and_are_scored_once(milestone_run, sy
     step5 = pd.read_parquet(milestone_run / "eval_test_step5.parquet")
     assert set(step5.bandwidth) == {1.5} and "visqol_audio" not in step5  # the tiny model's only milestone kbps
     # the milestone checkpoint is the state after 5 steps, not the final one
-    ckpt5 = torch.load(milestone_run / "checkpoint_step5.pt", weights_only=False)
+    ckpt5 = read_checkpoint(milestone_run / "checkpoint_step5.pt")
     assert ckpt5["step"] == 5
 
 

@@ -332,7 +332,7 @@ def _run_folder(root: Path, name: str, manifest: dict | None = None, cell: dict 
     if cell is not None:
         (folder / "cell.json").write_text(json.dumps(cell))
     if evaluated:
-        for file in ("eval_test.parquet", "eval_test_levels.parquet"):
+        for file in study.RUN_TABLES:
             pd.DataFrame({"x": [1]}).to_parquet(folder / file)
     return folder
 

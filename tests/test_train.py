@@ -20,7 +20,7 @@ def comparable(run_dir: Path):
     import pandas as pd
 
     metrics = pd.read_parquet(run_dir / "metrics.parquet").drop(columns=["seconds"], errors="ignore")
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     return metrics, state["model"]
 
 
@@ -133,7 +133,7 @@ def test_adversarial_terms_train_and_resume(synthetic_manifest, tmp_path):
     metrics, _ = comparable(tmp_path / "adv")
     train_rows = metrics[metrics.split == "train"]
     assert {"disc", "g_adv", "feat"} <= set(train_rows.columns) and train_rows.disc.notna().all()
-    ckpt = torch.load(tmp_path / "adv" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "adv" / "checkpoint.pt", weights_only=True)
     assert "disc" in ckpt and "disc_optimizer" in ckpt
 
 
