@@ -40,7 +40,7 @@ corpus: $(STAMP) tools
 
 # The whole study at one scale: corpus (built if missing), every arm and notebook, HTML reports, index.
 # `make study SCALE=smoke` is a quick look; JOBS=N runs N at a time (2 on 2 cores: two one-thread codec runs
-# train ~1.5x faster than one two-thread run after another, benchmarks/bench_train_step.py); GPUS=0,1 dispatches one run per GPU.
+# train ~1.4x faster than one two-thread run after another, benchmarks/bench_train_step.py); GPUS=0,1 dispatches one run per GPU.
 JOBS ?= 2
 GPUS ?=
 study: $(STAMP) tools

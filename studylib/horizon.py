@@ -90,8 +90,10 @@ def per_source(items: pd.DataFrame, opus: pd.DataFrame | None = None,
 
 def band_si_sdr(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int = 24_000,
                 bands: Sequence[tuple[float, float]] = BANDS) -> pd.DataFrame:
-    """SI-SDR (dB) of each item [B, T] after an ideal band-pass of both signals (FFT mask), per band, and the
-    reference's share of energy in it: a waveform error concentrated in one band shows as a low SI-SDR there."""
+    """SI-SDR (dB) of each item [B, T] after an ideal band-pass of both signals (FFT mask), per band, the
+    reference's share of energy in it and the estimate's energy there relative to the reference's: a waveform error
+    concentrated in one band shows as a low SI-SDR there, and the energy ratio tells a band that is missing (ratio
+    near 0) from one that is present with the wrong waveform (ratio near 1, SI-SDR far below 0)."""
     from studylib.metrics import si_sdr
 
     spec_e, spec_r = torch.fft.rfft(estimate.double()), torch.fft.rfft(reference.double())
@@ -102,10 +104,11 @@ def band_si_sdr(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: in
         mask = (freqs >= low) & (freqs < high)
         e = torch.fft.irfft(spec_e * mask, reference.shape[-1])
         r = torch.fft.irfft(spec_r * mask, reference.shape[-1])
-        share = (spec_r.abs().pow(2) * mask).sum(-1) / total
-        for i, (s, sh) in enumerate(zip(si_sdr(e, r), share)):
+        band_r = (spec_r.abs().pow(2) * mask).sum(-1)
+        ratio = (spec_e.abs().pow(2) * mask).sum(-1) / band_r
+        for i, (s, sh, er) in enumerate(zip(si_sdr(e, r), band_r / total, ratio)):
             rows.append({"item_pos": i, "band": f"{low / 1000:g}-{high / 1000:g} kHz", "si_sdr": float(s),
-                         "energy_share": float(sh)})
+                         "energy_share": float(sh), "energy_ratio": float(er)})
     return pd.DataFrame(rows)
 
 
