@@ -176,9 +176,9 @@ class TrainConfig(QuantizerFields):
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a number >= 0")
         if not self.bandwidths:
             raise ValueError("bandwidths: got an empty list, allowed a non-empty list of kbps")
-        for step in self.milestones:
-            if not 0 < step <= self.steps:
-                raise ValueError(f"milestones: got {step}, allowed steps in [1, steps={self.steps}]")
+        for step in self.milestones:  # one beyond `steps` is never reached (e.g. a shortened run): not an error
+            if not step > 0:
+                raise ValueError(f"milestones: got {step}, allowed steps >= 1")
         self.expiry()  # validates the expiry_* fields, naming them
         codec = self.codec_config()  # validates the model fields
         if (self.quantizer_warmup or self.kmeans_frames) and self.quantizer != "ours":

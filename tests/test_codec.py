@@ -218,9 +218,12 @@ def test_mixed_precision_keeps_the_quantizer_in_float32():
     torch.manual_seed(0)
     codec = Codec(CodecConfig.tiny()).train()
     wav = 0.1 * torch.randn(2, 1, 3_200)
+    decoded = []
+    codec.decoder.register_forward_hook(lambda m, i, o: decoded.append(o.dtype))
     with torch.autocast("cpu", torch.bfloat16):
         out = codec(wav)
-    assert out.audio.dtype == torch.bfloat16  # the SEANet runs in bf16 ...
+    assert decoded == [torch.bfloat16]  # the SEANet runs in bf16 ...
+    assert out.audio.dtype == torch.float32  # ... and hands on float32 audio to the losses and the balancer
     ((out.audio.float() - wav).abs().mean() + out.penalty).backward()
     codebooks = [v for k, v in codec.state_dict().items() if k.endswith("_codebook.embed")]
     assert all(cb.dtype == torch.float32 and torch.isfinite(cb).all() for cb in codebooks)  # ... not the VQ

@@ -61,7 +61,10 @@ def test_every_scale_expands_into_valid_runs(scale):
     expected = {"none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch"} | alternatives
     assert {c.arm for c in codec} == expected
     compare = next(c for c in plan.cells if c.notebook == "04_compare")
-    assert compare.always and set(compare.needs) == set(names) - {compare.name}
+    assert compare.always and set(compare.needs) == set(names) - {compare.name, "07_long_horizon"}
+    horizon = [c for c in plan.cells if c.notebook == "07_long_horizon"]
+    if horizon:  # after 04, on the codec runs
+        assert horizon[0].always and set(horizon[0].needs) == {c.name for c in codec}
     recipe = [c for c in plan.cells if c.notebook == "06_cpu_recipe"]
     if recipe:  # it shows every seed of the grid's none arm as the chosen recipe
         none_runs = sorted(c.name for c in codec if c.arm == "none")
@@ -84,7 +87,7 @@ def test_the_existing_cpu_runs_keep_their_names():
 def test_only_selects_arms_and_notebooks_and_always_the_comparison():
     plan = study.plan_study("smoke", only=["fixed_rel", "05_codebook_audit"])
     chosen = {c.notebook if c.notebook != "03_train_codec" else c.arm for c in plan.cells if c.name in plan.selected}
-    assert chosen == {"fixed_rel", "05_codebook_audit", "04_compare"}
+    assert chosen == {"fixed_rel", "05_codebook_audit", "04_compare", "07_long_horizon"}
 
 
 def _params_copy(tmp_path: Path, edit) -> Path:
@@ -98,12 +101,12 @@ def _params_copy(tmp_path: Path, edit) -> Path:
 @pytest.mark.parametrize(
     "edit, args, message",
     [
-        (None, ["--scale", "huge"], "--scale: got 'huge', allowed ['cpu', 'gpu', 'smoke']"),
+        (None, ["--scale", "huge"], "--scale: got 'huge', allowed ['cpu', 'gpu', 'long', 'smoke']"),
         (None, ["--only", "fixed"], "--only: 'fixed' matches no run"),
         (None, ["--jobs", "0"], "--jobs: got 0, allowed an integer >= 1"),
         (None, ["--gpus", "0,x"], "--gpus: got '0,x', allowed a comma-separated list"),
         (lambda t: t.replace("cell_timeout_s: 900", "cell_timout_s: 900"), [],
-         "scales.smoke.cell_timout_s: unknown key; allowed keys: corpus, cell_timeout_s"),
+         "scales.smoke.cell_timout_s: unknown key; allowed keys: corpus, train_params, cell_timeout_s"),
         (lambda t: t.replace("arms: [none, upstream, fixed_abs2, fixed_rel, vqtorch, dac, simvq]\n      seeds: [0]\n"
                              "      evaluate: {per_kind: 3", "arms: [none, fixd]\n      seeds: [0]\n      "
                              "evaluate: {per_kind: 3", 1), [], "scales.smoke.codec.arms: 'fixd' unknown; allowed"),
