@@ -290,7 +290,22 @@ def write_findings(results: str | Path, scales: tuple[str, ...] = HEADLINE_SCALE
         block = headline_markdown(summary, scales, focus_kbps)
         for readme in readmes(results):
             update_readme(readme, block)
+    write_equivalence(results, summary)
     return path
+
+
+def write_equivalence(results: Path, summary: pd.DataFrame, scale: str = "cpu") -> Path | None:
+    """results/equivalence/equivalence.csv: `equivalence` of the scale's runs on disk against the rows kept in
+    results/equivalence/baseline_*.csv (summary.csv rows of the same runs made before a change of how runs
+    execute); None when there is no baseline."""
+    folder = results / "equivalence"
+    baselines = sorted(folder.glob("baseline_*.csv")) if folder.is_dir() else []
+    if not baselines or not (summary.scale == scale).any():
+        return None
+    tables = [equivalence(pd.read_csv(b), summary[summary.scale == scale]).assign(baseline=b.stem.removeprefix(
+        "baseline_")) for b in baselines]
+    table = pd.concat(tables, ignore_index=True)
+    return storage.atomic_write(folder / "equivalence.csv", lambda p: table.to_csv(p, index=False))
 
 
 def cli(argv: list[str]) -> int:

@@ -121,3 +121,14 @@ def test_equivalence_passes_within_tolerance_or_when_the_interval_covers_zero():
         si = table[table.metric == "si_sdr_db"]
         assert (si.paired_seeds == 3).all() and si.passes.all() == passes
     assert findings.equivalence(base, same).query("metric == 'usage'").passes.isna().all()  # reported only
+
+
+def test_findings_write_the_equivalence_table_when_a_baseline_is_kept(tmp_path):
+    base = toy_long()[lambda f: f.final & (f.arm != "opus")].assign(scale="cpu")
+    assert findings.write_equivalence(tmp_path, base) is None  # no baseline kept: nothing written
+    (tmp_path / "equivalence").mkdir()
+    base.to_csv(tmp_path / "equivalence" / "baseline_fp32_eager.csv", index=False)
+    path = findings.write_equivalence(tmp_path, base.assign(si_sdr_db=base.si_sdr_db + 0.1))
+    table = pd.read_csv(path)
+    assert set(table.baseline) == {"fp32_eager"} and len(table) == 2 * 3 * len(findings.EQUIVALENCE_METRICS)
+    assert table[table.metric == "si_sdr_db"]["diff"].tolist() == pytest.approx([0.1] * 6)
