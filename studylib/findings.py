@@ -334,17 +334,21 @@ def equivalence(baseline: pd.DataFrame, candidate: pd.DataFrame, arms: tuple[str
                 metrics: tuple[str, ...] = EQUIVALENCE_METRICS) -> pd.DataFrame:
     """Candidate minus baseline (two sets of summary.csv rows of the same scale, e.g. before and after a change of
     how runs execute), paired by arm and seed, final evaluations only: one row per arm x bandwidth x metric with
-    the mean difference, its 95 % t-interval, the seeds that pair up and, for the metrics with a tolerance
+    the mean difference, its 95 % t-interval, the seeds that pair up (runs trained again since the baseline:
+    a run whose rows equal the baseline's is left out) and, for the metrics with a tolerance
     (`EQUIVALENCE_TOLERANCE`), whether it passes (|difference| within the tolerance, or the interval covers 0)."""
     def finals(frame: pd.DataFrame) -> pd.DataFrame:
         final = frame["final"] if "final" in frame else True
         return frame[(frame.arm.isin(arms)) & final].set_index(["arm", "seed", "bandwidth_kbps"])
 
     base, cand = finals(baseline), finals(candidate)
+    # a run not trained again since the baseline was kept scores exactly as before: no evidence either way
+    retrained = {k for k in set(base.index) & set(cand.index)
+                 if any(base.loc[k, m] != cand.loc[k, m] for m in metrics if m in base and m in cand)}
     rows = []
     for arm in arms:
         for bw in bandwidths:
-            keys = sorted(k for k in set(base.index) & set(cand.index) if k[0] == arm and k[2] == bw)
+            keys = sorted(k for k in retrained if k[0] == arm and k[2] == bw)
             for metric in metrics:
                 diff, half = reports.t_ci95([cand.loc[k, metric] - base.loc[k, metric] for k in keys])
                 tol = EQUIVALENCE_TOLERANCE.get(metric)

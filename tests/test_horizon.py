@@ -113,14 +113,18 @@ def test_band_si_sdr_finds_the_band_that_carries_the_error():
 
 def test_equivalence_passes_within_tolerance_or_when_the_interval_covers_zero():
     base = toy_long()[lambda f: f.final & (f.arm != "opus")]
-    same = base.copy()
+    close = base.assign(si_sdr_db=base.si_sdr_db + 0.01)
     shifted = base.assign(si_sdr_db=base.si_sdr_db + 0.5)
-    noisy = base.assign(si_sdr_db=base.si_sdr_db + base.seed.map({0: 0.0, 1: 2.0, 2: -1.0}))
-    for candidate, passes in ((same, True), (shifted, False), (noisy, True)):
+    noisy = base.assign(si_sdr_db=base.si_sdr_db + base.seed.map({0: 0.01, 1: 2.0, 2: -1.0}))
+    for candidate, passes in ((close, True), (shifted, False), (noisy, True)):
         table = findings.equivalence(base, candidate)
         si = table[table.metric == "si_sdr_db"]
         assert (si.paired_seeds == 3).all() and si.passes.all() == passes
-    assert findings.equivalence(base, same).query("metric == 'usage'").passes.isna().all()  # reported only
+    assert findings.equivalence(base, close).query("metric == 'usage'").passes.isna().all()  # reported only
+    # a run not trained again (rows equal to the baseline's) is no evidence: left out of the pairs
+    partly = pd.concat([close[close.seed != 2], base[base.seed == 2]])
+    assert (findings.equivalence(base, partly).paired_seeds == 2).all()
+    assert (findings.equivalence(base, base.copy()).paired_seeds == 0).all()
 
 
 def test_findings_write_the_equivalence_table_when_a_baseline_is_kept(tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, SMOKE, SMOKE_RUN, smoke_config, train_killed_then_resumed
@@ -87,7 +88,12 @@ def test_same_config_and_seed_give_identical_metrics(reference_run, synthetic_ma
 def test_killed_run_resumes_to_the_same_result(reference_run, synthetic_manifest, tmp_path, monkeypatch):
     cfg = smoke_config(synthetic_manifest, tmp_path / "killed", **SMOKE_RUN)
     cfg_dir = train_killed_then_resumed(cfg, 13, monkeypatch)
-    assert json.loads((cfg_dir / "manifest.json").read_text())["resumed_at_step"] == 10
+    manifest = json.loads((cfg_dir / "manifest.json").read_text())
+    assert manifest["resumed_at_step"] == 10
+    # the training clock goes on across sessions: logged seconds never fall, train_seconds counts both sessions
+    seconds = pd.read_parquet(cfg_dir / "metrics.parquet").query("split == 'train'").seconds
+    assert seconds.is_monotonic_increasing, list(seconds)
+    assert manifest["train_seconds"] >= seconds.iloc[-1] > 0
     a, b = comparable(reference_run), comparable(cfg_dir)
     assert a[0].equals(b[0])
     assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
