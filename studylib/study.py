@@ -992,7 +992,8 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--scale", default="cpu",
                         help="a scale of params/study.yaml: smoke, cpu, long or gpu (default cpu)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="run only these arms, notebooks or runs (runs/<arm>-<hash>-s<seed>; others' results are reused)")
+                        help="run only these arms, notebooks or runs (runs/<arm>-<hash>-s<seed>); "
+                             "others' results are reused")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; CPU threads are shared out)")
     parser.add_argument("--gpus", help="comma-separated GPU indices: one run per GPU")
     parser.add_argument("--results", default="results", help="results folder (default results)")
