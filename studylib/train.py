@@ -423,7 +423,6 @@ class Session:
     manifest: dict = dataclasses.field(default_factory=dict)  # manifest.json as last written
     done: int = 0  # steps completed, which error messages name
     saved: int = 0  # the step of the checkpoint on disk (0: none yet), where an interrupted run resumes
-    elapsed: float = 0.0  # seconds trained before this session (a resumed run's clock goes on from there)
 
     def write_manifest(self, **fields: Any) -> None:
         self.manifest.update(fields)
@@ -469,8 +468,6 @@ def _setup(cfg: TrainConfig, run_dir: Path, data: Data) -> Session:
     if ckpt is not None:
         session.parts.load(ckpt)
         session.start, session.rows = ckpt["step"], ckpt["rows"]
-        # the logged rows carry the training clock: a resumed run's `seconds` and train_seconds count every session
-        session.elapsed = float(session.rows[-1].get("seconds", 0.0)) if session.rows else 0.0
         started = previous.get("started", started)
         del ckpt
     session.done = session.saved = session.start
@@ -524,7 +521,9 @@ def _train(session: Session) -> Run:
     """Run the steps left; on divergence or bad data the run ends `failed` (manifest and metrics say why);
     Ctrl-C or SIGTERM leave it `interrupted` (the exception carries a note saying where it resumes); a full
     disk or anything else (a crash) leaves it `failed` with the error. The last checkpoint stays resumable."""
-    cfg, started = session.cfg, time.perf_counter() - session.elapsed
+    # a resumed run's clock goes on from its last logged row: `seconds` and train_seconds count every session
+    elapsed = float(session.rows[-1].get("seconds", 0.0)) if session.rows else 0.0
+    cfg, started = session.cfg, time.perf_counter() - elapsed
     try:
         _loop(session, started)
     except (TrainingDiverged, BadAudio) as e:
