@@ -37,7 +37,8 @@ QUANTIZERS = ("ours", "vqtorch", "dac", "simvq")
 EMA_QUANTIZERS = ("ours", "vqtorch")
 PAD_MODES = ("reflect", "constant", "replicate")
 # "pytorch": every kernel as PyTorch draws it (EnCodec's models); "unit_gain": zero biases and kernels of
-# variance 1 / fan_in, so a fresh codec's latent and output follow its input (see `unit_gain_init_`).
+# variance 1 / fan_in, so a fresh codec's latent and output follow its input (see `unit_gain_init_`; for quantizer
+# dac also orthogonal projections and a codebook at the latents' scale: studylib.factorized).
 INITS = ("pytorch", "unit_gain")
 
 
@@ -460,6 +461,8 @@ def build_quantizer(config: CodecConfig, generator: torch.Generator | None = Non
         return FactorizedResidualVQ(
             dimension=config.dimension, n_q=config.n_q, bins=config.bins, quantizer_dropout=config.quantizer_dropout,
             generator=generator, decay=config.decay, threshold=config.expiry.threshold,
+            # the codec's init reaches DAC's quantizer too: "unit_gain" = a fresh quantizer passes the latent through
+            init="unit_gain" if config.init == "unit_gain" else "dac",
         )
     return ResidualVectorQuantizer(
         dimension=config.dimension, n_q=config.n_q, bins=config.bins, decay=config.decay,

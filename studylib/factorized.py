@@ -21,9 +21,24 @@ Here the levels are drawn as the other arms draw them: the training loop picks o
 (EnCodec's 1.5 to 24 kbps), which sets the levels by EnCodec's rule (`LevelSchedule`), and `quantizer_dropout`
 (off in the study, as for the other arms) draws uniformly below that, one draw per batch from `generator`.
 
+Initialisation (`init`). "dac": DAC's, PyTorch's default projections and an N(0, 1) codebook. "unit_gain" (the cpu
+presets' codec init, `CodecConfig.init`): a fresh quantizer passes its input through, as the unit-gain encoder and
+decoder do and as the other arms' k-means on the first batch does. in_proj's rows are orthonormal and out_proj is
+their transpose (zero biases), so out_proj . in_proj is an orthogonal projection onto d of the D dimensions; and at a
+level's first training forward its codebook, N(0, 1) directions kept, is scaled by one number so that its RMS is the
+projected residual's (all-reduced across ranks). Why (results/README.md section 11): with DAC's init on the cpu recipe
+out_proj . in_proj is a random map, |code| ~ 2.8 against |z_e| ~ 0.3, the decoder's first outputs are far too loud
+(mel loss 22 at step 5 against 4), and within 100 steps the encoder's latents turn to one direction (cosine to their
+mean 0.27 -> 0.95 at step 50 -> 1.00) and every frame picks one code per level: the codec never leaves the plateau
+(-50 dB), also with no penalty at all, a codebook drawn from the data, DAC's raw loss sum or lr 1e-4
+(`benchmarks/probe_dac_init.py`). Either half alone still fails; both together learn (3 seeds off the plateau by
+step 200, 139-386 distinct level-0 codes over the first 100 steps). Adam moves a code by about lr a step, so a
+codebook 10x off the latents' scale cannot follow them in 500 steps (DAC trains 400k).
+
 Dead codes are reported, never acted on: each level keeps a `CodeUsage` (EMA of per-code batch counts, decay 0.99,
 threshold 2) that only `dead_mask()` reads. No tensor of the quantizer is written in place by a training forward
-except that reporting EMA; the codebook changes only through the optimizer.
+except that reporting EMA (and, with init "unit_gain", the codebook's one scaling at its level's first training
+forward); the codebook changes only through the optimizer.
 """
 
 from __future__ import annotations
@@ -35,6 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from studylib import distributed
+from studylib.config import check_choice
 from studylib.quantization import (
     CodeUsage,
     LevelSchedule,
@@ -59,12 +76,41 @@ class LevelOutput:
 class FactorizedVQ(ReportsUsage, nn.Module):
     """One DAC level: in_proj (D -> d), a codebook `nn.Embedding(bins, d)` searched by cosine, out_proj (d -> D)."""
 
-    def __init__(self, dimension: int, bins: int, codebook_dim: int, decay: float = 0.99, threshold: float = 2.0):
+    def __init__(self, dimension: int, bins: int, codebook_dim: int, decay: float = 0.99, threshold: float = 2.0,
+                 init: str = "dac"):
         super().__init__()
         self.in_proj = weight_norm(nn.Conv1d(dimension, codebook_dim, 1))
         self.out_proj = weight_norm(nn.Conv1d(codebook_dim, dimension, 1))
         self.codebook = nn.Embedding(bins, codebook_dim)
         self.usage = CodeUsage(bins, decay, threshold)
+        # False until the codebook is scaled to the latents (init "unit_gain"); kept in checkpoints so a resumed
+        # run does not scale it again
+        self.register_buffer("inited", torch.tensor([init == "dac"]))
+        if init == "unit_gain":
+            self._orthogonal_projections_()
+
+    @torch.no_grad()
+    def _orthogonal_projections_(self) -> None:
+        """in_proj's rows orthonormal, out_proj their transpose, zero biases: out_proj . in_proj = Q Q^T."""
+        q, _ = torch.linalg.qr(torch.randn(self.in_proj.in_channels, self.in_proj.out_channels))  # [D, d]
+        for conv, weight in ((self.in_proj, q.t()), (self.out_proj, q)):
+            kernel = weight.unsqueeze(-1)  # [C_out, C_in, 1]
+            conv.parametrizations.weight.original0.copy_(kernel.norm(dim=(1, 2), keepdim=True))
+            conv.parametrizations.weight.original1.copy_(kernel)
+            conv.bias.zero_()
+
+    @torch.no_grad()
+    def _scale_codebook_(self, z_e: torch.Tensor) -> None:
+        """Scale the codebook so its RMS is z_e's [B, d, T] (mean squares summed over ranks): one number."""
+        stats = torch.stack([z_e.float().square().mean(), z_e.new_ones((), dtype=torch.float32)])
+        distributed.all_reduce_sum_(stats)
+        self.codebook.weight.mul_((stats[0] / stats[1]).sqrt() / self.codebook.weight.square().mean().sqrt())
+        self.inited.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before `inited` existed were all trained with DAC's init: nothing left to scale
+        state_dict.setdefault(prefix + "inited", torch.tensor([True]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def code_vectors(self) -> torch.Tensor:
         return self.codebook.weight  # [K, d]
@@ -84,6 +130,8 @@ class FactorizedVQ(ReportsUsage, nn.Module):
 
     def forward(self, residual: torch.Tensor) -> LevelOutput:
         z_e = self.in_proj(residual)  # [B, d, T]
+        if self.training and not self.inited:
+            self._scale_codebook_(z_e.detach())
         codes = self.nearest(z_e.detach())
         z_q = self.codebook(codes).transpose(1, 2)  # [B, d, T]
         codebook_loss = F.mse_loss(z_q, z_e.detach())
@@ -99,8 +147,11 @@ class FactorizedResidualVQ(LevelSchedule, nn.Module):
     `QuantizedResult` out; `layers[i]` is level i (`in_proj`, `codebook`, `out_proj`).
 
     `generator` seeds the initial parameters (see `drawn_from`: the codec's decoder starts as in the other arms)
-    and the quantizer-dropout draws. `decay` and `threshold` define the reported dead codes only.
+    and the quantizer-dropout draws. `decay` and `threshold` define the reported dead codes only. `init`: "dac"
+    (DAC's) or "unit_gain" (a fresh quantizer passes its input through; module docstring).
     """
+
+    INITS = ("dac", "unit_gain")
 
     def __init__(
         self,
@@ -114,16 +165,21 @@ class FactorizedResidualVQ(LevelSchedule, nn.Module):
         commitment_weight: float = 0.25,
         decay: float = 0.99,
         threshold: float = 2.0,
+        init: str = "dac",
     ):
         super().__init__()
+        check_choice("init", init, self.INITS)
         for name, value in (("dimension", dimension), ("n_q", n_q), ("bins", bins), ("codebook_dim", codebook_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: got {value!r}, allowed an integer >= 1")
+        if init == "unit_gain" and codebook_dim > dimension:
+            raise ValueError(f"codebook_dim: got {codebook_dim} > dimension {dimension}, allowed <= dimension with "
+                             f"init 'unit_gain' (an orthogonal projection onto codebook_dim of the dimensions)")
         self.dimension, self.n_q, self.bins, self.codebook_dim = dimension, n_q, bins, codebook_dim
         self.quantizer_dropout, self.generator = quantizer_dropout, generator
         self.codebook_weight, self.commitment_weight = codebook_weight, commitment_weight
         with drawn_from(generator):
-            self.layers = nn.ModuleList(FactorizedVQ(dimension, bins, codebook_dim, decay, threshold)
+            self.layers = nn.ModuleList(FactorizedVQ(dimension, bins, codebook_dim, decay, threshold, init)
                                         for _ in range(n_q))
 
     @property

@@ -29,10 +29,10 @@ HEADLINE_SCALES = ("cpu", "long")
 HEADLINE_METRICS = [("si_sdr_db", "SI-SDR (dB)", 2), ("mel_distance", "mel distance", 3), ("visqol", "ViSQOL", 2),
                     ("usage", "code usage", 3), ("perplexity_l0", "level-0 perplexity", 0),
                     ("entropy_kbps", "entropy kbps", 2)]
-ARM_ORDER = ["none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch", "dac", "simvq", "opus"]
+ARM_ORDER = ["none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch", "dac", "dac_commit16", "simvq", "opus"]
 # Issue 20: fix the expiry (fixed_rel), or switch to a quantizer without EMA and expiry? Compared seed by seed with
 # these baselines at these bandwidths (those a scale evaluated).
-ALTERNATIVES = ("dac", "simvq")
+ALTERNATIVES = ("dac", "dac_commit16", "simvq")
 ALTERNATIVE_BASELINES = ("none", "fixed_rel")
 ALTERNATIVE_KBPS = (1.5, 6.0, 24.0)
 HIGHER_IS_BETTER = {"si_sdr_db": True, "mel_distance": False, "visqol": True, "usage": True, "perplexity_l0": True,
@@ -186,18 +186,21 @@ def answer(table: pd.DataFrame, arm: str, kbps: float, versus: str = "fixed_rel"
     if not len(rows):
         return f"{arm} vs {versus} at {kbps:g} kbps: no paired runs"
     row = rows.iloc[0]
+    # what the baseline is called in the sentence: a verb phrase and a noun phrase
+    doing, thing = {"fixed_rel": ("fixing the expiry", "the fixed expiry"),
+                    "none": ("keeping no expiry", "no expiry")}.get(versus, (f"arm {versus}", f"arm {versus}"))
     reading = {m: _reading(row[f"d_{m}"], row[f"d_{m}_ci95"], HIGHER_IS_BETTER[m]) for m, _, _ in HEADLINE_METRICS}
     quality = {reading["si_sdr_db"], reading["mel_distance"]} - {"no resolved difference"}
     if quality & {"one seed: no interval", "not measured"}:
         conclusion = "too few paired seeds for an interval: no verdict on quality"
     elif quality == {"better"}:
-        conclusion = f"switching to {arm} beats fixing the expiry"
+        conclusion = f"switching to {arm} beats {doing}"
     elif quality == {"worse"}:
-        conclusion = f"fixing the expiry beats switching to {arm}"
+        conclusion = f"{doing} beats switching to {arm}"
     elif quality == {"better", "worse"}:
-        conclusion = f"{arm} and the fixed expiry trade SI-SDR against mel distance"
+        conclusion = f"{arm} and {thing} trade SI-SDR against mel distance"
     else:
-        conclusion = f"no resolved difference in quality between {arm} and the fixed expiry"
+        conclusion = f"no resolved difference in quality between {arm} and {thing}"
     details = ", ".join(f"{label} {row[f'd_{m}']:+.{digits}f}"
                         + (f" ± {row[f'd_{m}_ci95']:.{digits}f}" if math.isfinite(row[f"d_{m}_ci95"]) else "")
                         + f" ({reading[m]})" for m, label, digits in HEADLINE_METRICS if math.isfinite(row[f"d_{m}"]))

@@ -23,7 +23,7 @@ STYLE = {"dpi": 110, "figsize": (7.5, 4.0)}
 # One colour per arm, the same in every figure of every report.
 ARM_COLORS = {
     "upstream": "#d62728", "none": "#7f7f7f", "fixed_abs2": "#ff7f0e", "fixed_rel": "#2ca02c",
-    "vqtorch": "#1f77b4", "dac": "#8c564b", "simvq": "#e377c2", "opus": "#9467bd",
+    "vqtorch": "#1f77b4", "dac": "#8c564b", "dac_commit16": "#c49c94", "simvq": "#e377c2", "opus": "#9467bd",
 }
 
 

@@ -137,6 +137,78 @@ def test_no_tensor_is_written_in_place_by_training_but_the_reporting_ema():
     assert torch.equal(first.codes, again.codes) and torch.equal(first.quantized, again.quantized)
 
 
+# ------------------------------------------------------------------------------- init "unit_gain"
+
+
+def test_unit_gain_projections_are_an_orthogonal_projection_with_zero_biases():
+    q = small(init="unit_gain")
+    for layer in q.layers:
+        w_in, w_out = layer.in_proj.weight[..., 0].detach(), layer.out_proj.weight[..., 0].detach()  # [d, D], [D, d]
+        torch.testing.assert_close(w_in @ w_in.t(), torch.eye(8), atol=1e-5, rtol=0)
+        torch.testing.assert_close(w_out, w_in.t(), atol=1e-6, rtol=0)
+        assert not layer.in_proj.bias.any() and not layer.out_proj.bias.any()
+        x = torch.randn(2, 32, 7)
+        once = layer.out_proj(layer.in_proj(x))
+        torch.testing.assert_close(layer.out_proj(layer.in_proj(once)), once, atol=1e-5, rtol=0)  # P P = P
+    assert not torch.equal(q.layers[0].in_proj.weight, q.layers[1].in_proj.weight)  # each level its own subspace
+    dac = small()  # DAC's init: PyTorch's projections, no projection
+    w = dac.layers[0].in_proj.weight[..., 0].detach()
+    assert not torch.allclose(w @ w.t(), torch.eye(8), atol=1e-2)
+
+
+def test_unit_gain_codebook_is_scaled_to_the_latents_once_at_its_first_training_forward(tmp_path):
+    torch.manual_seed(0)
+    q = small(init="unit_gain")
+    books = [layer.codebook.weight.detach().clone() for layer in q.layers]
+    assert not any(bool(layer.inited) for layer in q.layers)
+    x = torch.randn(2, 32, 30) * 0.05  # latents far smaller than N(0, 1) codes
+    q.eval()(x, 75.0)  # evaluation does not initialise
+    assert all(torch.equal(layer.codebook.weight, b) for layer, b in zip(q.layers, books))
+    out = q.train()(x, 75.0)
+    residual = x
+    for level, (layer, before) in enumerate(zip(q.layers, books)):
+        z_e = layer.in_proj(residual).detach()
+        book = layer.codebook.weight.detach()
+        torch.testing.assert_close(book.square().mean().sqrt(), z_e.square().mean().sqrt())  # the latents' RMS
+        torch.testing.assert_close(F.normalize(book, dim=-1), F.normalize(before, dim=-1))  # directions kept
+        assert bool(layer.inited), level
+        residual = residual - layer.out_proj(layer.codebook.weight[out.codes[level]].transpose(1, 2)).detach()
+    # later forwards, and a quantizer loaded from a checkpoint, do not scale again
+    scaled = [layer.codebook.weight.detach().clone() for layer in q.layers]
+    q(x * 10, 75.0)
+    assert all(torch.equal(layer.codebook.weight, b) for layer, b in zip(q.layers, scaled))
+    torch.save(q.state_dict(), tmp_path / "q.pt")
+    again = small(init="unit_gain")
+    again.load_state_dict(torch.load(tmp_path / "q.pt"), strict=True)
+    again(x * 10, 75.0)
+    assert all(torch.equal(layer.codebook.weight, b) for layer, b in zip(again.layers, scaled))
+
+
+def test_a_checkpoint_from_before_inited_loads_as_initialised():
+    old = {k: v for k, v in small().state_dict().items() if not k.endswith(".inited")}
+    q = small(init="unit_gain")
+    q.load_state_dict(old, strict=True)
+    assert all(bool(layer.inited) for layer in q.layers)
+
+
+def test_the_codec_init_reaches_the_dac_quantizer():
+    def quantizer(init: str) -> FactorizedResidualVQ:
+        config = dataclasses.replace(CodecConfig.tiny(), quantizer="dac", expiry=ExpiryConfig(mode="none"), init=init)
+        return Codec(config, generator=torch.Generator().manual_seed(0)).quantizer
+    unit, dac = quantizer("unit_gain"), quantizer("pytorch")
+    assert not bool(unit.layers[0].inited) and bool(dac.layers[0].inited)
+    assert not unit.layers[0].in_proj.bias.any() and dac.layers[0].in_proj.bias.any()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"init": "kmeans"}, "init: got 'kmeans', allowed ('dac', 'unit_gain')"),
+    ({"init": "unit_gain", "codebook_dim": 40}, "codebook_dim: got 40 > dimension 32, allowed <= dimension"),
+])
+def test_bad_init_is_a_one_line_error(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        small(**kwargs)
+
+
 def test_reported_dead_codes_follow_an_ema_of_code_counts():
     q = small(n_q=1)
     layer = q.layers[0]

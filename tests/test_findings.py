@@ -111,3 +111,6 @@ def test_the_answer_says_which_way_the_numbers_fall():
     assert "no resolved difference in quality between dac and the fixed expiry" in findings.answer(table, "dac", 1.5)
     assert "no verdict on quality" in findings.answer(table, "simvq", 6.0)
     assert findings.answer(table, "dac", 12.0) == "dac vs fixed_rel at 12 kbps: no paired runs"
+    # against the other baseline the sentence names that baseline, not the fixed expiry
+    assert findings.answer(table, "dac", 24.0, versus="none").startswith(
+        "dac vs none at 24 kbps (3 paired seeds): no resolved difference in quality between dac and no expiry;")

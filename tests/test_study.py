@@ -57,8 +57,8 @@ def test_every_scale_expands_into_valid_runs(scale):
         assert cell.parameters["out_dir"] == str((Path("results") / scale / cell.name).resolve())
     codec = [c for c in plan.cells if c.notebook == "03_train_codec"]
     assert all(re.fullmatch(rf"runs/{c.arm}-[0-9a-f]{{10}}-s{c.seed}", c.name) for c in codec)
-    # issue 20's arms: both in the smoke grid; the cpu grid holds simvq (dac collapses on the cpu recipe)
-    alternatives = {"smoke": {"dac", "simvq"}, "cpu": {"simvq"}}.get(scale, set())
+    # issue 20's arms: both in the smoke and cpu grids
+    alternatives = {"smoke": {"dac", "simvq"}, "cpu": {"dac", "dac_commit16", "simvq"}}.get(scale, set())
     expected = {"none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch"} | alternatives
     assert {c.arm for c in codec} == expected
     compare = next(c for c in plan.cells if c.notebook == "04_compare")
@@ -72,11 +72,12 @@ def test_every_scale_expands_into_valid_runs(scale):
         assert sorted(recipe[0].needs) == sorted(recipe[0].parameters["chosen_runs"]) == none_runs
 
 
-def test_the_cpu_scale_runs_three_seeds_per_expiry_arm_and_one_run_per_peer():
+def test_the_cpu_scale_runs_three_seeds_per_arm_but_one_of_the_vqtorch_peer():
     codec = [c for c in study.plan_study("cpu").cells if c.notebook == "03_train_codec"]
     seeds = {arm: sorted(c.seed for c in codec if c.arm == arm) for arm in {c.arm for c in codec}}
     assert seeds == {"none": [0, 1, 2], "upstream": [0, 1, 2], "fixed_abs2": [0, 1, 2], "fixed_rel": [0, 1, 2],
-                     "vqtorch": [0], "simvq": [0]}
+                     "dac": [0, 1, 2], "dac_commit16": [0, 1, 2], "vqtorch": [0],
+                     "simvq": [0, 1, 2]}
 
 
 def test_the_existing_cpu_runs_keep_their_names():
