@@ -21,14 +21,13 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,6 +38,7 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
+from studylib import processes
 from studylib.config import UserError
 from studylib.storage import atomic_write
 
@@ -643,11 +643,13 @@ def _run_jobs(planned: list[GroupJob], jobs: int) -> list[GroupResult]:
                 results.append(_process(job))
                 progress.update()
         else:
-            # Workers ignore Ctrl-C (the terminal sends it to them too): the parent stops them, in one line.
-            pool = ProcessPoolExecutor(jobs, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+            # Workers ignore Ctrl-C and die quietly of SIGTERM (processes.worker_pool): the parent stops them
+            # and says so in one line.
+            pool = processes.worker_pool(jobs)
             with pool:
                 try:
-                    futures = [pool.submit(_process, job) for job in planned]
+                    with processes.signals_held():  # the workers are forked here
+                        futures = [pool.submit(_process, job) for job in planned]
                     for _ in as_completed(futures):
                         progress.update()
                     results = [future.result() for future in futures]

@@ -10,12 +10,14 @@ stop them (`stop`) or to tell whether a lock's study still runs after its own pr
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ENV = "STUDYLIB_OWNERS"  # space-separated tokens of the locks held by this process and its ancestors
@@ -26,14 +28,54 @@ class Terminated(KeyboardInterrupt):
     KeyboardInterrupt, so one path stops on both: runs are marked interrupted, locks released."""
 
 
+_RAISING_PID: int | None = None  # the process whose SIGTERM raises Terminated (raise_on_sigterm)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _terminated(signum: int, frame) -> None:
+    if os.getpid() != _RAISING_PID:
+        # A forked child that inherited the handler (a worker, before its initializer ran): raising here could
+        # land in multiprocessing's exit finalizers and print a traceback. Die of the signal instead, quietly.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated()
 
 
 def raise_on_sigterm() -> None:
     """From now on SIGTERM raises Terminated in the main thread (a no-op elsewhere: only it gets signals)."""
+    global _RAISING_PID
     if threading.current_thread() is threading.main_thread():
+        _RAISING_PID = os.getpid()
         signal.signal(signal.SIGTERM, _terminated)
+
+
+def _quiet_worker() -> None:
+    """Every worker process starts here: Ctrl-C ignored (a terminal sends it to the whole process group; the
+    parent stops its workers and prints the one line) and SIGTERM back to its default action, so a worker the
+    parent terminates ends at once without running Python code (nothing can raise inside the interpreter's or
+    multiprocessing's shutdown); then the signals held while it was forked (`worker_pool`) are let through."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back in this thread for the duration (delivered when it ends). A process forked
+    meanwhile inherits the block, so no signal reaches a worker before `_quiet_worker` has set its handlers;
+    threads started meanwhile (the pool's manager and queue feeder) keep it, so signals go to the main thread."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """The process pool every studylib command uses for parallel work: forked workers set up by
+    `_quiet_worker`. Submit the work inside `signals_held()` (the workers are forked at the first submit)."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_quiet_worker)
 
 
 def stop_signal(error: BaseException) -> tuple[str, int]:
