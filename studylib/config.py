@@ -138,8 +138,12 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def config_hash(config: Any, exclude: tuple[str, ...] = ()) -> str:
-    """Short stable hash of the resolved config (run folders and manifests name it)."""
-    items = {k: v for k, v in to_dict(config).items() if k not in exclude}
+    """Short stable hash of the resolved config (run folders and manifests name it). Fields the config's class
+    lists in `HASH_NEUTRAL` (added after runs were committed) count only when they differ from the value
+    given there, so the runs from before them keep their hash."""
+    neutral = getattr(type(config), "HASH_NEUTRAL", {})
+    items = {k: v for k, v in to_dict(config).items()
+             if k not in exclude and not (k in neutral and v == neutral[k])}
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,7 @@ from studylib.storage import (
     read_manifest,
     save_torch,
     stored_config,
+    weights_mismatch,
     write_json,
     write_parquet,
 )
@@ -103,6 +104,12 @@ class TrainConfig(QuantizerFields):
     lstm_layers: int | None = None
     n_q: int | None = None
     init: str | None = None  # codec.INITS; None = the preset's (small, tiny: unit_gain; encodec_24khz: pytorch)
+    # the codec's bitrates in kbps (None: the preset's); one level of K = 4096 at 75 Hz is 0.9 kbps
+    target_bandwidths: tuple[float, ...] | None = None
+    # the fine-tuning regime: a run folder or checkpoint whose encoder and decoder weights this run starts from
+    # (the quantizer starts fresh: k-means on the first batch, as EnCodec), and an encoder that is not trained
+    init_from: str = ""
+    freeze_encoder: bool = False
     detach_residual: bool = False
     # EnCodec samples one target bandwidth per batch (kbps); must be among the model's bandwidths
     bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)
@@ -150,7 +157,14 @@ class TrainConfig(QuantizerFields):
     ddp_buffers: str = "average"  # codebook buffers after each step under DDP: averaged (AudioCraft) or left
     progress: bool = True
 
+    # added after runs were committed: at these values a config hashes as it did before them (cfglib.config_hash)
+    HASH_NEUTRAL: ClassVar[dict[str, Any]] = {"target_bandwidths": None, "init_from": "", "freeze_encoder": False}
+
     def __post_init__(self) -> None:
+        if self.target_bandwidths is not None:
+            object.__setattr__(self, "target_bandwidths", tuple(self.target_bandwidths))
+        if self.freeze_encoder and not self.init_from:
+            raise ValueError("freeze_encoder: true needs init_from (the trained run whose encoder is frozen)")
         cfglib.check_choice("model", self.model, PRESETS)
         cfglib.check_choice("quantizer", self.quantizer, QUANTIZERS)
         cfglib.check_choice("expiry_mode", self.expiry_mode, MODES)
@@ -196,7 +210,8 @@ class TrainConfig(QuantizerFields):
     def codec_config(self) -> CodecConfig:
         base = getattr(CodecConfig, self.model)()
         overrides = {k: v for k, v in (("n_filters", self.n_filters), ("lstm_layers", self.lstm_layers),
-                                       ("n_q", self.n_q), ("init", self.init)) if v is not None}
+                                       ("n_q", self.n_q), ("init", self.init),
+                                       ("target_bandwidths", self.target_bandwidths)) if v is not None}
         return CodecConfig(**{**cfglib.to_dict(base), **overrides, "bins": self.bins, "decay": self.decay,
                               "kmeans_iters": self.kmeans_iters, "expiry": self.expiry(), "init_fix": self.init_fix,
                               "detach_residual": self.detach_residual, "quantizer": self.quantizer})
@@ -308,7 +323,10 @@ def build_parts(cfg: TrainConfig, device: torch.device) -> Parts:
     model = Codec(codec_cfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device).train()
     if cfg.compile:
         model.compile_networks()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.freeze_encoder:  # its weights come from cfg.init_from (warm_start) and stay as they are
+        model.encoder.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     # linear warm-up: step s (0-based) runs at lr x (s + 1) / warmup_steps until warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
@@ -465,6 +483,8 @@ def _setup(cfg: TrainConfig, run_dir: Path, data: Data) -> Session:
     ckpt = _resume_checkpoint(ckpt_path, chash, run_dir, data.device) if ckpt_path.exists() else None
     session = Session(cfg, run_dir, data, build_parts(cfg, data.device), start=0, rows=[])
     started = _now()
+    if ckpt is None and cfg.init_from:
+        warm_start(session.parts.model, cfg.init_from)
     if ckpt is not None:
         session.parts.load(ckpt)
         session.start, session.rows = ckpt["step"], ckpt["rows"]
@@ -475,6 +495,18 @@ def _setup(cfg: TrainConfig, run_dir: Path, data: Data) -> Session:
     if session.start:  # the metrics as of the checkpoint: a damaged or newer metrics.parquet is replaced
         session.write_metrics()
     return session
+
+
+def warm_start(model: Codec, source: str | Path) -> None:
+    """Copy the encoder and decoder weights of the run (folder or checkpoint) `source` into `model`; its quantizer
+    is left fresh. UserError naming `source` if it does not read or its networks are shaped otherwise."""
+    with _advice("init_from: give a finished run folder or checkpoint of the same model"):
+        trained, _, _ = load_checkpoint(source)
+        for part in ("encoder", "decoder"):
+            theirs = getattr(trained, part).state_dict()
+            if problem := weights_mismatch(theirs, getattr(model, part).state_dict()):
+                raise UserError(f"{source}: its {part} does not fit this run's: {problem}")
+            getattr(model, part).load_state_dict(theirs)
 
 
 def _run_record(cfg: TrainConfig, chash: str, data: Data, started: str, start: int) -> dict:

@@ -207,3 +207,44 @@ def test_bad_recipe_params_are_one_line_errors(tmp_path, capsys, sets, message):
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not run_dir.exists()
+
+
+# ------------------------------------------------------------------ the regime map's training options
+
+
+def test_a_frozen_encoder_starts_from_the_source_and_stays_while_the_decoder_trains(smoke_run, synthetic_manifest,
+                                                                                     tmp_path):
+    source = torch.load(smoke_run / "checkpoint.pt", weights_only=True)["model"]
+    run_dir = tmp_path / "frozen"
+    cfg = smoke_config(synthetic_manifest, run_dir, init_from=str(smoke_run), freeze_encoder=True, steps=3)
+    assert trainlib.train(cfg).status == "complete"
+    _, state = comparable(run_dir)
+    encoder = [k for k in source if k.startswith("encoder.")]
+    decoder = [k for k in source if k.startswith("decoder.")]
+    assert encoder and all(torch.equal(state[k], source[k]) for k in encoder), "a frozen encoder does not move"
+    assert any(not torch.equal(state[k], source[k]) for k in decoder), "the decoder trains on from the source's"
+    inited = [k for k in source if k.endswith("embed")]
+    assert inited and any(not torch.equal(state[k], source[k]) for k in inited), "the quantizer starts fresh"
+
+
+def test_the_regime_options_leave_earlier_run_names_alone_and_check_their_values(synthetic_manifest, tmp_path):
+    from studylib import config as cfglib
+
+    plain = smoke_config(synthetic_manifest, tmp_path)
+    same = smoke_config(synthetic_manifest, tmp_path, target_bandwidths=None, init_from="", freeze_encoder=False)
+    assert cfglib.config_hash(plain) == cfglib.config_hash(same), "committed runs keep their names"
+    single = smoke_config(synthetic_manifest, tmp_path, n_q=1, bins=4096, target_bandwidths=[0.9], bandwidths=[0.9],
+                          valid_bandwidth=0.9)
+    assert cfglib.config_hash(single) != cfglib.config_hash(plain)
+    assert single.codec_config().target_bandwidths == (0.9,)
+    with pytest.raises(ValueError, match="freeze_encoder: true needs init_from"):
+        smoke_config(synthetic_manifest, tmp_path, freeze_encoder=True)
+
+
+def test_init_from_a_run_of_another_shape_is_one_line_naming_it(smoke_run, synthetic_manifest, tmp_path, capsys):
+    run_dir = tmp_path / "wider"
+    code = trainlib.cli([str(SMOKE), "--set", f"manifest={synthetic_manifest}", "--set", f"run_dir={run_dir}",
+                         "--set", f"init_from={smoke_run}", "--set", "n_filters=8", "--set", "progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert str(smoke_run) in err[0] and "encoder does not fit" in err[0]
