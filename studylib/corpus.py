@@ -17,7 +17,6 @@ import functools
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -655,9 +654,7 @@ def _run_jobs(planned: list[GroupJob], jobs: int) -> list[GroupResult]:
                     results = [future.result() for future in futures]
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)
-                    for worker in multiprocessing.active_children():
-                        worker.terminate()
-                        worker.join(10)  # gone before its half-built group folder is removed below
+                    processes.stop_workers()  # gone before its half-built group folder is removed below
                     raise
     except BaseException:  # interrupted or failed: no half-built group folder stays behind
         for job in planned:

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import itertools
 import sys
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from studylib import config as cfglib
+from studylib import processes
 from studylib.corpus import SPLITS, load_manifest
 from studylib.metrics import utilization
 from studylib.quantization import ResidualVectorQuantizer
@@ -132,11 +134,16 @@ def latent_eval(rvq: ResidualVectorQuantizer, latents: torch.Tensor, frame_rate:
 
 
 def train_on_latents(cfg: LatentRunConfig, train: torch.Tensor, evaluate: torch.Tensor | None = None,
-                     frame_rate: float = 75.0, progress: bool = True) -> tuple[pd.DataFrame, ResidualVectorQuantizer]:
+                     frame_rate: float = 75.0, progress: bool = True, state: str | Path | None = None,
+                     save_every: int = 1000) -> tuple[pd.DataFrame, ResidualVectorQuantizer]:
     """Train an RVQ alone on the frame stream `train` [N, D]; returns tidy metrics (one row per logged
     step; `split` = "train" rows carry the quantizer's per-level metrics of the step's batch and every
     level's replaced_total so far, "eval" rows `latent_eval` on the first `eval_frames` frames of
-    `evaluate`) and the trained quantizer."""
+    `evaluate`) and the trained quantizer.
+    `state`: a file the run saves itself to every `save_every` steps and resumes from (bit-exactly: the
+    quantizer's buffers, counters and generators, the batch draws, the rows so far) when it exists and was
+    written by the same config; a large cell (K = 16384 at 4,800 frames: ~1 h on one core) then survives an
+    interruption. The caller removes it once the results are written."""
     if train.shape[0] < cfg.crop_frames:
         raise ValueError(f"train: {train.shape[0]} frames, fewer than one crop of {cfg.crop_frames}")
     rvq = ResidualVectorQuantizer(dimension=train.shape[1], n_q=cfg.n_q, bins=cfg.bins, decay=cfg.decay,
@@ -146,8 +153,18 @@ def train_on_latents(cfg: LatentRunConfig, train: torch.Tensor, evaluate: torch.
     crops = cfg.frames_per_step // cfg.crop_frames
     window = torch.arange(cfg.crop_frames)
     held_out = evaluate[: cfg.eval_frames] if evaluate is not None else None
-    rows = []
-    for step in tqdm(range(1, cfg.steps + 1), desc="rvq", disable=not progress):
+    rows, done = [], 0
+    if state is not None and Path(state).is_file():
+        saved = read_torch(state, what="quantizer run state")
+        if saved.get("config") == dataclasses.asdict(cfg):
+            rvq.load_state_dict(saved["rvq"])
+            rvq.load_resume_state(saved["resume"])
+            draws.set_state(saved["draws"])
+            rows, done = saved["rows"], saved["step"]
+        else:
+            warn(f"{state}: written by another config; this run starts again")
+    for step in tqdm(range(done + 1, cfg.steps + 1), desc="rvq", disable=not progress, initial=done,
+                     total=cfg.steps):
         starts = torch.randint(0, train.shape[0] - cfg.crop_frames + 1, (crops, 1), generator=draws)
         x = train[starts + window].transpose(1, 2)  # [crops, D, crop_frames]
         out = rvq.train()(x, frame_rate)
@@ -156,6 +173,9 @@ def train_on_latents(cfg: LatentRunConfig, train: torch.Tensor, evaluate: torch.
             rows.append({"step": step, "split": "train", **{k: float(v) for k, v in out.metrics.items()}, **totals})
         if held_out is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             rows.append({"step": step, "split": "eval", **latent_eval(rvq.eval(), held_out, frame_rate)})
+        if state is not None and step % save_every == 0 and step < cfg.steps:
+            save_torch({"config": dataclasses.asdict(cfg), "step": step, "rows": rows, "rvq": rvq.state_dict(),
+                        "resume": rvq.resume_state(), "draws": draws.get_state()}, state)
     return pd.DataFrame(rows), rvq
 
 
@@ -225,27 +245,63 @@ def expand_grid(grid: list[dict], arms_dir: str | Path, base: dict | None = None
     return cells
 
 
-def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progress: bool = True) -> pd.DataFrame:
+def cell_cost(cell: GridCell) -> int:
+    """A cell's work in multiply-adds of its nearest-code searches (K x frames x levels x steps): the order
+    `run_grid` trains cells in, cheapest first, so an interrupted grid has finished as many as it could."""
+    c = cell.config
+    return c.bins * c.frames_per_step * c.n_q * c.steps
+
+
+def _train_cell(cell: GridCell, latents: Latents, path: Path) -> Path:
+    torch.set_num_threads(1)  # one core per worker: cells run side by side
+    state = path.with_suffix(".state.pt")  # the cell part-way, should it be interrupted
+    metrics, _ = train_on_latents(cell.config, latents.frames["train"], latents.frames.get("valid"),
+                                  latents.frame_rate, progress=False, state=state)
+    write_parquet(metrics.assign(**cell.describe()), path)
+    state.unlink(missing_ok=True)
+    return path
+
+
+def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progress: bool = True,
+             jobs: int = 1) -> pd.DataFrame:
     """Train every cell on `latents` (train split; eval on valid), one parquet per cell in
     `out_dir/runs/` written when the cell finishes, so an interrupted grid resumes where it stopped.
     Returns all cells' rows, each tagged with `GridCell.describe()`. A cell whose file does not read (cut
-    short by a full disk...) is trained again, with a warning naming it."""
+    short by a full disk...) is trained again, with a warning naming it. `jobs` > 1: that many cells at a
+    time in worker processes (processes.worker_pool), one thread each, cheapest cells first."""
     runs = Path(out_dir) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    frames = []
-    for cell in tqdm(cells, desc="quantizer grid", disable=not progress):
+    todo = []
+    for cell in cells:
         path = runs / f"{cell.name}.parquet"
         if path.is_file():
             try:
-                frames.append(read_parquet(path))
+                read_parquet(path)
                 continue
             except DamagedFile as e:
                 warn(f"{e}; training that cell again")
-        metrics, _ = train_on_latents(cell.config, latents.frames["train"], latents.frames.get("valid"),
-                                      latents.frame_rate, progress=False)
-        write_parquet(metrics.assign(**cell.describe()), path)
-        frames.append(read_parquet(path))
-    return pd.concat(frames, ignore_index=True)
+        todo.append(cell)
+    todo.sort(key=cell_cost)
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="quantizer grid", disable=not progress)
+    if jobs == 1 or len(todo) < 2:
+        for cell in todo:
+            _train_cell(cell, latents, runs / f"{cell.name}.parquet")
+            bar.update()
+    else:
+        with processes.worker_pool(jobs) as pool:
+            try:
+                with processes.signals_held():  # the workers are forked here
+                    pending = [pool.submit(_train_cell, cell, latents, runs / f"{cell.name}.parquet")
+                               for cell in todo]
+                for future in as_completed(pending):
+                    future.result()
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                processes.stop_workers()
+                raise
+    bar.close()
+    return pd.concat([read_parquet(runs / f"{cell.name}.parquet") for cell in cells], ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

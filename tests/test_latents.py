@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import ROOT
@@ -130,3 +132,45 @@ def test_latent_snr_is_measured_against_the_variance_not_a_constant_offset(laten
     shifted = latent_eval(rvq, x + 5.0, 75.0)  # plain |x|^2 would count the offset as signal
     assert shifted["snr_l0"] == pytest.approx(found["snr_l0"], abs=1e-2)
     assert 0 <= found["usage_l0"] <= 1 and found["perplexity_l0"] >= 1
+
+
+def test_an_interrupted_quantizer_run_resumes_from_its_state_to_the_same_numbers(latents, tmp_path, monkeypatch):
+    from studylib.quantization import ResidualVectorQuantizer
+
+    cfg = cfglib.build(LatentRunConfig, [{"n_q": 2, "bins": 64, "frames_per_step": 150, "steps": 40,
+                                          "kmeans_iters": 5, "log_every": 5, "eval_every": 10,
+                                          "expiry_mode": "fixed", "expiry_threshold": 0.5,
+                                          "expiry_threshold_kind": "relative"}])
+    args = (cfg, latents.frames["train"], latents.frames["valid"])
+    straight, straight_rvq = train_on_latents(*args, progress=False)
+    state = tmp_path / "cell.state.pt"
+    forward, calls = ResidualVectorQuantizer.forward, []
+
+    def stopping(self, *a, **k):  # Ctrl-C at step 27, after the state of step 20 was saved
+        calls.append(1)
+        if len(calls) == 27:
+            raise KeyboardInterrupt
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(ResidualVectorQuantizer, "forward", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        train_on_latents(*args, progress=False, state=state, save_every=10)
+    monkeypatch.setattr(ResidualVectorQuantizer, "forward", forward)
+    assert state.is_file()
+    resumed, resumed_rvq = train_on_latents(*args, progress=False, state=state, save_every=10)
+    assert resumed.equals(straight), "the resumed run must log what the uninterrupted one logged"
+    assert all(torch.equal(a, b) for a, b in zip(resumed_rvq.state_dict().values(),
+                                                 straight_rvq.state_dict().values()))
+    other = dataclasses.replace(cfg, seed=1)
+    fresh, _ = train_on_latents(other, *args[1:], progress=False, state=state)
+    assert fresh.step.iloc[0] == 5, "a state written by another config is not resumed"
+
+
+def test_a_grid_run_in_two_worker_processes_writes_what_one_process_writes(latents, tmp_path):
+    from studylib.latents import expand_grid, run_grid
+
+    cells = expand_grid(GRID[:1], ROOT / "params" / "arms", BASE)
+    serial = run_grid(cells, latents, tmp_path / "one", progress=False)
+    parallel = run_grid(cells, latents, tmp_path / "two", progress=False, jobs=2)
+    assert parallel.equals(serial)
+    assert not list((tmp_path / "two" / "runs").glob("*.state.pt")), "finished cells leave no state behind"
