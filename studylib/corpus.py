@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -136,6 +136,7 @@ class GroupResult:
     job: GroupJob
     segments: list[tuple[Path, float]]  # (file, seconds)
     skipped: list[str]  # "file: reason" for each clip that failed to decode or synthesize
+    files_skipped: int  # input files (clips) among `skipped`: the rest are notes on the group's leftovers
 
 
 # Which split each group belongs to; every group not named here is train. Languages are split as a
@@ -247,6 +248,8 @@ def build_corpus(
         for result in results:
             for message in result.skipped:
                 _warn(f"skipped {message}")
+        if audio_dir is not None:  # a group whose every file was bad must not leave its split empty
+            results = _resplit(results, fractions)
         frame = _manifest_frame(profile_dir, results)
     except CorpusError:
         # a first build that cannot make a corpus leaves nothing behind (downloads in out_dir/cache stay)
@@ -260,7 +263,21 @@ def build_corpus(
     atomic_write(manifest, lambda p: frame.to_csv(p, index=False))
     _remove_stale(audio_root, {result.job.folder for result in results})
     _print_summary(frame, downloaded, time.monotonic() - started)
+    files = sum(len(result.job.inputs) for result in results)
+    skipped = sum(result.files_skipped for result in results)
+    # the last line: where the manifest is (with --audio-dir, under the profile's name) and what went into it
+    print(f"wrote {manifest}: {files - skipped} files in, {skipped} skipped ({len(frame)} segments)")
     return manifest
+
+
+def _resplit(results: list[GroupResult], fractions: tuple[float, float, float]) -> list[GroupResult]:
+    """The groups that yielded segments, split again by `_hash_splits` among themselves: a group keeps its
+    split unless its split would be empty without the groups that yielded none (relabelling is free: the
+    split is not part of a group's cache key)."""
+    alive = sorted(result.job.group for result in results if result.segments)
+    splits = _hash_splits(alive, fractions)
+    return [replace(result, job=replace(result.job, split=splits[result.job.group]))
+            if result.job.group in splits else result for result in results]
 
 
 def load_manifest(path: str | Path, check_files: bool = False) -> pd.DataFrame:
@@ -684,7 +701,9 @@ def _process(job: GroupJob) -> GroupResult:
         os.replace(tmp, job.folder)
     record = json.loads(index.read_text())
     segments = [(job.folder / name, frames / SAMPLE_RATE) for name, frames in record["segments"]]
-    return GroupResult(job, segments, record["skipped"])
+    # segments.json of groups built before the count was kept: every note but the leftover one names a file
+    files_skipped = record.get("files_skipped", sum(not note.startswith("group ") for note in record["skipped"]))
+    return GroupResult(job, segments, record["skipped"], files_skipped)
 
 
 def _segment(job: GroupJob, folder: Path) -> None:
@@ -703,10 +722,12 @@ def _segment(job: GroupJob, folder: Path) -> None:
         elif (clip := _prepare(audio, rate)) is not None:
             writer.add(clip)
     writer.flush()
+    files_skipped = len(skipped)  # one note per bad file so far; the leftover note below names none
     if writer.dropped_s:
         skipped.append(f"group {job.group} of {job.source}: {writer.dropped_s:.2f} s of short clips left "
                        f"over, under min_segment_s = {RECIPE.min_segment_s:g} s; not used")
-    (folder / "segments.json").write_text(json.dumps({"segments": writer.segments, "skipped": skipped}))
+    (folder / "segments.json").write_text(json.dumps({"segments": writer.segments, "skipped": skipped,
+                                                      "files_skipped": files_skipped}))
 
 
 def _describe(item: Path | SynthText) -> str:
@@ -723,6 +744,8 @@ def _load_failure(item: Path | SynthText, error: Exception) -> str:
 
 def _unusable(audio: np.ndarray, rate: int) -> str | None:
     """Why a decoded clip cannot go into the corpus, or None if it can."""
+    if audio.size == 0:
+        return "empty (no samples)"
     if not np.isfinite(audio).all():
         return "holds NaN or Inf samples"
     mono = audio.mean(axis=1)

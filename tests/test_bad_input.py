@@ -75,6 +75,50 @@ def test_corpus_skips_each_bad_file_with_one_warning_and_writes_a_valid_manifest
     assert set(manifest.split) == set(SPLITS) and len(manifest) == 6  # one segment per good take
 
 
+def _write_bad(path: Path, kind: str) -> str:
+    """One bad file of `kind` at `path`; returns the reason the build must give for it."""
+    rate = 16_000
+    if kind == "undecodable":
+        path.write_bytes(b"RIFF this is not a wave file")
+        return "undecodable"
+    if kind == "zero_bytes":
+        path.write_bytes(b"")
+        return "undecodable"
+    if kind == "empty":  # a valid WAV header and no samples
+        sf.write(path, np.zeros(0, np.float32), rate)
+        return "empty (no samples)"
+    if kind == "nan":
+        noise = (0.1 * np.random.default_rng(0).standard_normal(rate)).astype(np.float32)
+        noise[[100, 900]] = [np.nan, np.inf]
+        sf.write(path, noise, rate, subtype="FLOAT")
+        return "holds NaN or Inf samples"
+    assert kind == "too_short"
+    sf.write(path, 0.3 * np.sin(np.arange(400) / 5).astype(np.float32), rate)
+    return "too short"
+
+
+@pytest.mark.parametrize("kind", ["undecodable", "zero_bytes", "empty", "nan", "too_short"])
+def test_one_bad_loose_file_among_twelve_good_ones_is_skipped_and_the_manifest_is_named(tmp_path, kind):
+    """The issue-27 shape: loose files (each its own group), one bad. The bad file's group yields nothing, so the
+    splits are drawn again among the groups that did: the manifest is written whatever split the bad one had."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rate = 16_000
+    t = np.arange(2 * rate) / rate
+    for n in range(12):
+        sf.write(audio / f"take{n:02d}.wav", 0.3 * np.sin(2 * np.pi * 120 * (1 + n) * t), rate)
+    bad = audio / f"bad_{kind}.wav"
+    reason = _write_bad(bad, kind)
+    proc = studylib("corpus", "--audio-dir", audio, "--out", tmp_path / "data", "--jobs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipped {bad}: {reason}"), warnings
+    manifest_path = tmp_path / "data" / "custom" / "manifest.csv"
+    manifest = load_manifest(manifest_path, check_files=True)
+    assert set(manifest.split) == set(SPLITS) and len(manifest) == 12 and "bad" not in " ".join(manifest.group)
+    assert proc.stdout.strip().splitlines()[-1] == f"wrote {manifest_path}: 12 files in, 1 skipped (12 segments)"
+
+
 def test_corpus_with_nothing_usable_is_one_line_error_and_writes_nothing(tmp_path):
     audio = tmp_path / "audio"
     for speaker in range(3):
@@ -370,3 +414,22 @@ def test_lock_holds_pid_and_host_and_refuses_a_second_holder(tmp_path):
     path.write_text("{not json")  # a lock cut short by a crash is stale
     with locks.hold_lock(tmp_path / "new", "studylib test"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_a_bad_file_that_held_a_split_alone_does_not_leave_that_split_empty(tmp_path):
+    from studylib.corpus import _hash_splits
+
+    good = ["take0", "take1", "take2"]
+    # a bad file's name that the hash split gives a split of its own among these four groups
+    bad = next(name for name in (f"bad{n}" for n in range(1000))
+               if list((splits := _hash_splits([*good, name], (0.8, 0.1, 0.1))).values()).count(splits[name]) == 1)
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    t = np.arange(2 * 16_000) / 16_000
+    for n, name in enumerate(good):
+        sf.write(audio / f"{name}.wav", 0.3 * np.sin(2 * np.pi * 150 * (1 + n) * t), 16_000)
+    _write_bad(audio / f"{bad}.wav", "nan")
+    proc = studylib("corpus", "--audio-dir", audio, "--out", tmp_path / "data", "--jobs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = load_manifest(tmp_path / "data" / "custom" / "manifest.csv", check_files=True)
+    assert sorted(manifest.split) == sorted(SPLITS), "three good groups: one per split"
