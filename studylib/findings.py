@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from studylib import reports, storage
+from studylib import regimes, reports, storage
 from studylib.storage import DamagedFile, read_json, read_parquet, warn
 from studylib.study import Run, list_runs
 
-COLUMNS = ["scale", "arm", "seed", "run", "steps", "final", "bandwidth_kbps", "si_sdr_db", "mel_distance", "visqol",
-           "usage", "perplexity", "perplexity_l0", "entropy_kbps", "n_items", "left_plateau_step", "train_minutes",
-           "payload_kbps"]
+COLUMNS = ["scale", "arm", "seed", "run", "bins", "n_q", "steps", "final", "bandwidth_kbps", "si_sdr_db",
+           "mel_distance", "visqol", "usage", "perplexity", "perplexity_l0", "entropy_kbps", "n_items",
+           "left_plateau_step", "train_minutes", "payload_kbps"]
 # the horizons of the README's headline block: the default scale (500 steps) and the long-horizon scale
 HEADLINE_SCALES = ("cpu", "long")
 HEADLINE_METRICS = [("si_sdr_db", "SI-SDR (dB)", 2), ("mel_distance", "mel distance", 3), ("visqol", "ViSQOL", 2),
@@ -49,7 +49,9 @@ def run_rows(run: Run, scale: str) -> list[dict]:
     the milestone's step; no ViSQOL)."""
     manifest = run.manifest
     summary = read_json(run.folder / "summary.json") or {}
-    common = {"scale": scale, "arm": run.arm, "seed": run.seed, "run": run.name,
+    shape = regimes.codec_shape(run)
+    common = {"scale": scale, "arm": run.arm, "seed": run.seed, "run": run.name, "bins": shape["bins"],
+              "n_q": shape["n_q"],
               "left_plateau_step": summary.get("left_plateau_step"),
               "train_minutes": (manifest.get("train_seconds") or math.nan) / 60, "payload_kbps": math.nan}
     evaluations = [((manifest.get("config") or {}).get("steps"), True, run.eval_items, run.eval_levels)]
@@ -97,7 +99,8 @@ def summary_table(results: str | Path) -> pd.DataFrame:
             except DamagedFile as e:
                 warn(f"skipped the run {run.folder}: {e}")
         rows += opus_rows(scale_dir / "baselines" / "opus_test.parquet", scale_dir.name)
-    table = pd.DataFrame(rows, columns=COLUMNS).astype({"seed": "Int64", "steps": "Int64", "final": bool})
+    table = pd.DataFrame(rows, columns=COLUMNS).astype({"seed": "Int64", "steps": "Int64", "final": bool,
+                                                         "bins": "Int64", "n_q": "Int64"})
     order = {arm: i for i, arm in enumerate(ARM_ORDER)}
     return table.sort_values(["scale", "steps", "bandwidth_kbps", "arm", "seed"], na_position="last",
                              key=lambda c: c.map(order).fillna(99) if c.name == "arm" else c).reset_index(drop=True)
@@ -285,10 +288,14 @@ def readmes(results: Path) -> list[Path]:
 
 
 def write_findings(results: str | Path, scales: tuple[str, ...] = HEADLINE_SCALES, focus_kbps: float = 6.0) -> Path:
-    """results/summary.csv from every scale on disk; the headline block of the READMEs from `scales`."""
+    """results/summary.csv from every scale on disk, results/regimes.csv (`regimes.regimes_table`); the headline
+    block of the READMEs from `scales`."""
     results = Path(results)
     summary = summary_table(results)
     path = storage.atomic_write(results / "summary.csv", lambda p: summary.to_csv(p, index=False))
+    table = regimes.regimes_table(results)
+    if len(table):  # the regime map (issue 26): one row per run x logged step of the long and regimes scales
+        storage.atomic_write(results / "regimes.csv", lambda p: table.to_csv(p, index=False))
     if summary.scale.isin(scales).any():
         block = headline_markdown(summary, scales, focus_kbps)
         for readme in readmes(results):

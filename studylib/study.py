@@ -57,11 +57,16 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_bug_anatomy", "02_quantizer_study", "03_train_codec", "04_compare", "05_codebook_audit",
-             "06_cpu_recipe", "07_long_horizon")
+             "06_cpu_recipe", "07_long_horizon", "08_regimes")
 SCALE_KEYS = ("corpus", "train_params", "cell_timeout_s", "notebooks", "codec", "quantizer", "anatomy", "audit",
-              "compare", "recipe", "horizon")
-CODEC_KEYS = ("arms", "seeds", "arm_seeds", "nproc_per_node", "evaluate", "set")
+              "compare", "recipe", "horizon", "regimes")
+CODEC_KEYS = ("arms", "seeds", "arm_seeds", "nproc_per_node", "evaluate", "set", "groups")
+# a codec group: runs of their own settings within a scale (regimes: one codebook of 4096, a frozen encoder...);
+# arms, seeds, evaluate and set default to the codec block's (set: overlaid on it)
+GROUP_KEYS = ("arms", "seeds", "arm_seeds", "evaluate", "set", "init_from")
 QUANTIZER_KEYS = ("latents_from", "base", "grid")
+REGIMES_KEYS = ("latents_from", "base", "grid", "jobs", "train_cells", "compare_scales", "arm", "baseline",
+                "milestones")  # 08_regimes
 RECIPE_KEYS = ("arm", "steps", "valid_every", "seed", "variants")
 VARIANT_KEYS = ("change", "set")
 OPUS_BITRATES = [0.5, 6.0, 12.0, 24.0]  # kbps asked of opusenc (0.5: the lowest it accepts, its floor)
@@ -144,6 +149,7 @@ def load_study(path: str | Path, scale: str) -> dict:
             raise StudyError(f"scales.{scale}.notebooks: {name!r} unknown; allowed {NOTEBOOKS}")
     _check_keys(f"scales.{scale}.codec", settings.get("codec", {}), CODEC_KEYS)
     _check_keys(f"scales.{scale}.quantizer", settings.get("quantizer", {}), QUANTIZER_KEYS)
+    _check_keys(f"scales.{scale}.regimes", settings.get("regimes", {}), REGIMES_KEYS)
     return settings
 
 
@@ -195,6 +201,36 @@ def _codec_config(scale_file: Path, arm_file: Path, sets: dict):
     return cfglib.build(TrainConfig, [cfglib.read_overlay(scale_file), cfglib.read_overlay(arm_file), sets])
 
 
+def _codec_groups(scale: str, codec: dict) -> list[dict]:
+    """The codec block as its groups, each with every key resolved: one unnamed group without `groups`."""
+    where = f"scales.{scale}.codec"
+    raw = codec.get("groups")
+    if raw is None:
+        raw = {"": {}}
+    elif not isinstance(raw, dict) or not raw:
+        raise StudyError(f"{where}.groups: got {raw!r}, allowed a mapping of group names to their settings")
+    groups = []
+    for name, group in raw.items():
+        group = _check_keys(f"{where}.groups.{name}", group or {}, GROUP_KEYS) if name else {}
+        resolved = {"name": name, "arms": group.get("arms", codec.get("arms", [])),
+                    "seeds": group.get("seeds", codec.get("seeds", [0])),
+                    "arm_seeds": group.get("arm_seeds", codec.get("arm_seeds") or {}),
+                    "evaluate": dict(group.get("evaluate", codec.get("evaluate")) or {}),
+                    "set": {**(codec.get("set") or {}), **(group.get("set") or {})},
+                    "init_from": group.get("init_from")}
+        here = f"{where}.groups.{name}" if name else where
+        if not isinstance(resolved["arm_seeds"], dict) or not set(resolved["arm_seeds"]) <= set(resolved["arms"]):
+            raise StudyError(f"{here}.arm_seeds: got {resolved['arm_seeds']!r}, allowed a mapping of the codec "
+                             f"arms {resolved['arms']} to lists of seeds")
+        for key, values in [("seeds", resolved["seeds"])] + [(f"arm_seeds.{a}", v)
+                                                              for a, v in resolved["arm_seeds"].items()]:
+            if not isinstance(values, list) or not values or \
+                    not all(isinstance(s, int) and not isinstance(s, bool) for s in values):
+                raise StudyError(f"{here}.{key}: got {values!r}, allowed a non-empty list of integers")
+        groups.append(resolved)
+    return groups
+
+
 def plan_study(scale: str, results: str | Path = "results", params: str | Path = ROOT / "params",
                only: list[str] | None = None, manifest: str | Path | None = None,
                data: str | Path = "data") -> StudyPlan:
@@ -222,46 +258,54 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     results = Path(results).resolve() / scale
     notebooks = settings.get("notebooks", list(NOTEBOOKS))
     codec = settings.get("codec", {})
-    arms, seeds = codec.get("arms", []), codec.get("seeds", [0])
+    groups = _codec_groups(scale, codec)
+    arms, seeds = groups[0]["arms"], groups[0]["seeds"]
     nproc = codec.get("nproc_per_node", 1)
     if not isinstance(nproc, int) or nproc < 1:
         raise StudyError(f"scales.{scale}.codec.nproc_per_node: got {nproc!r}, allowed an integer >= 1")
-    arm_seeds = codec.get("arm_seeds") or {}  # arm -> its own seeds (e.g. fewer for a costly peer arm)
-    if not isinstance(arm_seeds, dict) or not set(arm_seeds) <= set(arms):
-        raise StudyError(f"scales.{scale}.codec.arm_seeds: got {arm_seeds!r}, allowed a mapping of the codec "
-                         f"arms {arms} to lists of seeds")
-    for where, values in [("seeds", seeds)] + [(f"arm_seeds.{a}", v) for a, v in arm_seeds.items()]:
-        if not isinstance(values, list) or not values or \
-                not all(isinstance(s, int) and not isinstance(s, bool) for s in values):
-            raise StudyError(f"scales.{scale}.codec.{where}: got {values!r}, allowed a non-empty list of integers")
     cells: list[Cell] = []
-    codec_runs: dict[tuple[str, int], Cell] = {}
+    codec_runs: dict[tuple[str, int], Cell] = {}  # the first group's runs, by (arm, seed)
+    group_runs: dict[str, list[Cell]] = {}  # every group's runs, in order
 
     if "01_bug_anatomy" in notebooks:
         cells.append(Cell("01_bug_anatomy", "01_bug_anatomy", dict(settings.get("anatomy") or {})))
     if "03_train_codec" in notebooks:
-        for arm in arms:
-            if not (params / "arms" / f"{arm}.yaml").is_file():
-                known = sorted(p.stem for p in (params / "arms").glob("*.yaml"))
-                raise StudyError(f"scales.{scale}.codec.arms: {arm!r} unknown; allowed {known}")
-        # seed by seed (every arm's seed 0 first): a study stopped part-way leaves arms paired by seed
-        pairs = sorted(((arm, seed) for arm in arms for seed in arm_seeds.get(arm, seeds)),
-                       key=lambda pair: (pair[1], arms.index(pair[0])))
-        for arm, seed in pairs:
-            arm_file = params / "arms" / f"{arm}.yaml"
-            sets = {**(codec.get("set") or {}), "seed": seed, "manifest": str(manifest.resolve()),
-                    "progress": False}
-            try:
-                cfg = _codec_config(scale_file, arm_file, sets)
-            except cfglib.ConfigError as e:
-                raise StudyError(f"scales.{scale}.codec ({arm}, seed {seed}): {e}") from None
-            chash = cfglib.config_hash(cfg, exclude=(*NOT_HASHED, "manifest", "seed"))
-            cell = Cell(f"runs/{arm}-{chash}-s{seed}", "03_train_codec", {
-                "params": [str(scale_file.resolve()), str(arm_file.resolve())],
-                "overrides": sets, "nproc_per_node": nproc, "evaluate": dict(codec.get("evaluate") or {}),
-            }, arm=arm, seed=seed, gpus=nproc)
-            codec_runs[(arm, seed)] = cell
-            cells.append(cell)
+        for group in groups:
+            where = f"scales.{scale}.codec" + (f".groups.{group['name']}" if group["name"] else "")
+            source = None
+            if group.get("init_from"):  # the fine-tuning regime: start from (and wait for) an earlier group's run
+                if not group_runs.get(group["init_from"]):
+                    raise StudyError(f"{where}.init_from: {group['init_from']!r} is not an earlier group; allowed "
+                                     f"{sorted(group_runs)}")
+                source = group_runs[group["init_from"]][0]
+            group_runs[group["name"]] = []
+            for arm in group["arms"]:
+                if not (params / "arms" / f"{arm}.yaml").is_file():
+                    known = sorted(p.stem for p in (params / "arms").glob("*.yaml"))
+                    raise StudyError(f"{where}.arms: {arm!r} unknown; allowed {known}")
+            # seed by seed (every arm's seed 0 first): a study stopped part-way leaves arms paired by seed
+            arm_seeds = group["arm_seeds"]
+            pairs = sorted(((arm, seed) for arm in group["arms"] for seed in arm_seeds.get(arm, group["seeds"])),
+                           key=lambda pair: (pair[1], group["arms"].index(pair[0])))
+            for arm, seed in pairs:
+                arm_file = params / "arms" / f"{arm}.yaml"
+                sets = {**group["set"], "seed": seed, "manifest": str(manifest.resolve()), "progress": False}
+                if source is not None:
+                    sets["init_from"] = str((results / source.name).resolve())
+                try:
+                    cfg = _codec_config(scale_file, arm_file, sets)
+                except cfglib.ConfigError as e:
+                    raise StudyError(f"{where} ({arm}, seed {seed}): {e}") from None
+                # the source's place on disk is not what the run is: a moved checkout keeps its names
+                chash = cfglib.config_hash(cfg, exclude=(*NOT_HASHED, "manifest", "seed", "init_from"))
+                cell = Cell(f"runs/{arm}-{chash}-s{seed}", "03_train_codec", {
+                    "params": [str(scale_file.resolve()), str(arm_file.resolve())],
+                    "overrides": sets, "nproc_per_node": nproc, "evaluate": group["evaluate"],
+                }, needs=(source.name,) if source else (), arm=arm, seed=seed, gpus=nproc)
+                if group is groups[0]:
+                    codec_runs[(arm, seed)] = cell
+                group_runs[group["name"]].append(cell)
+                cells.append(cell)
 
     def codec_run(key: str, arm: str) -> Cell:
         if (arm, seeds[0]) not in codec_runs:
@@ -307,6 +351,20 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
                    **(settings.get("horizon") or {})}
         codec_cells = tuple(c.name for c in cells if c.notebook == "03_train_codec")
         cells.append(Cell("07_long_horizon", "07_long_horizon", horizon, needs=codec_cells, always=True))
+
+    if "08_regimes" in notebooks:  # the quantizer-only map on a codec run's latents, then every regime's tables
+        r = dict(settings.get("regimes") or {})
+        source = codec_run("regimes.latents_from", r.pop("latents_from", arms[0] if arms else "none"))
+        if not r.get("grid"):
+            raise StudyError(f"scales.{scale}.regimes.grid: empty; give at least one block with an 'arm'")
+        try:
+            expand_grid(r["grid"], params / "arms", r.get("base") or {})  # validates every quantizer cell now
+        except cfglib.ConfigError as e:
+            raise StudyError(f"scales.{scale}.regimes: {e}") from None
+        codec_cells = tuple(c.name for c in cells if c.notebook == "03_train_codec")
+        cells.append(Cell("08_regimes", "08_regimes", {
+            **r, "source_run": source.name, "arms_dir": str((params / "arms").resolve()),
+        }, needs=codec_cells, always=True))
 
     common = {"manifest": str(manifest.resolve()), "results_dir": str(results.resolve()), "progress": False}
     for cell in cells:

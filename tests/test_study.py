@@ -62,7 +62,7 @@ def test_every_scale_expands_into_valid_runs(scale):
     expected = {"none", "upstream", "fixed_abs2", "fixed_rel", "vqtorch"} | alternatives
     assert {c.arm for c in codec} == expected
     compare = next(c for c in plan.cells if c.notebook == "04_compare")
-    assert compare.always and set(compare.needs) == set(names) - {compare.name, "07_long_horizon"}
+    assert compare.always and set(compare.needs) == set(names) - {compare.name, "07_long_horizon", "08_regimes"}
     horizon = [c for c in plan.cells if c.notebook == "07_long_horizon"]
     if horizon:  # after 04, on the codec runs
         assert horizon[0].always and set(horizon[0].needs) == {c.name for c in codec}
@@ -89,7 +89,7 @@ def test_the_existing_cpu_runs_keep_their_names():
 def test_only_selects_arms_and_notebooks_and_always_the_comparison():
     plan = study.plan_study("smoke", only=["fixed_rel", "05_codebook_audit"])
     chosen = {c.notebook if c.notebook != "03_train_codec" else c.arm for c in plan.cells if c.name in plan.selected}
-    assert chosen == {"fixed_rel", "05_codebook_audit", "04_compare", "07_long_horizon"}
+    assert chosen == {"fixed_rel", "05_codebook_audit", "04_compare", "07_long_horizon", "08_regimes"}
 
 
 def _params_copy(tmp_path: Path, edit) -> Path:
@@ -274,6 +274,16 @@ def test_smoke_study_writes_tidy_tables(smoke_study):
     assert {"upstream", "none", "fixed_abs2", "fixed_rel", "vqtorch", "dac", "simvq"} <= set(summary.arm)
     audit = pd.read_csv(root / "05_codebook_audit" / "audit.csv")
     assert {"checkpoint", "level", "sum", "below", "dead_floor", "eval_usage"} <= set(audit)
+    rows = pd.read_parquet(root / "08_regimes" / "regime_rows.parquet")  # the quantizer map and the codec runs
+    quantizer = rows[rows.kind == "quantizer"]
+    assert quantizer.run.nunique() == 8 and set(quantizer.bins) == {64, 256} and (quantizer.encoder == "frozen").all()
+    assert quantizer.groupby("run").step.max().eq(20).all() and quantizer.snr_db.notna().all()
+    assert set(rows[rows.kind == "codec"].arm) >= {"none", "fixed_rel"}
+    decision = pd.read_csv(root / "08_regimes" / "decision_table.csv")
+    assert {"regime", "bins", "n_q", "frames_per_step", "encoder", "steps", "quality_gap", "quality_ci95",
+            "verdict", "share_saved"} <= set(decision)
+    cells = decision[decision.kind == "quantizer"]
+    assert len(cells) == 4 and (cells.seeds == 2).all()
 
 
 def test_recipe_study_trains_its_variants_and_checks_the_chosen_recipe(smoke_study):
@@ -379,3 +389,30 @@ def test_run_tables_and_example_rows_come_from_the_listed_runs(tmp_path):
                        "upstream": b / "examples" / "speech_01_6kbps.flac"}
     assert rows[1]["example"] == "music_02" and rows[1]["none"] is None and rows[1]["upstream"] is None
     assert study.example_rows([], "6kbps") == []
+
+
+def test_the_regimes_scale_plans_its_groups_the_fine_tuning_source_first_and_the_map_last():
+    plan = study.plan_study("regimes", results="results")
+    codec = [c for c in plan.cells if c.notebook == "03_train_codec"]
+    source = codec[0]
+    assert source.name == "runs/none-60cda02ae4-s0", "the source keeps the long scale's none-s0 config and name"
+    frozen = [c for c in codec if c.parameters["overrides"].get("freeze_encoder")]
+    assert {c.arm for c in frozen} == {"none", "fixed_rel"}
+    assert all(c.needs == (source.name,) and c.parameters["overrides"]["init_from"].endswith(source.name)
+               for c in frozen)
+    single = [c for c in codec if c.parameters["overrides"].get("bins") == 4096]
+    assert sorted((c.arm, c.seed) for c in single) == sorted((a, s) for a in ("none", "fixed_rel") for s in (0, 1, 2))
+    regimes_cell = plan.cells[-1]
+    assert regimes_cell.notebook == "08_regimes" and set(regimes_cell.needs) == {c.name for c in codec}
+    assert regimes_cell.parameters["source_run"] == source.name and regimes_cell.parameters["jobs"] == 2
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("init_from: source", "init_from: single4096_typo"),
+     "scales.regimes.codec.groups.frozen.init_from: 'single4096_typo' is not an earlier group"),
+    (lambda t: t.replace("compare_scales: [long]", "compare_scale: [long]"),
+     "scales.regimes.regimes.compare_scale: unknown key"),
+])
+def test_regimes_scale_errors_name_the_group_or_the_key(tmp_path, edit, message):
+    with pytest.raises(study.StudyError, match=re.escape(message)):
+        study.plan_study("regimes", params=_params_copy(tmp_path, edit))

@@ -1,0 +1,77 @@
+"""The regime map: results/regimes.csv from the runs on disk, paired gaps and the cost view (steps to reach)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from studylib import regimes
+
+RESULTS = ROOT / "results"
+
+
+def test_crossing_interpolates_between_logged_steps_and_says_when_it_is_a_bound():
+    steps, values = np.array([250.0, 500.0, 750.0]), np.array([1.0, 3.0, 5.0])
+    assert regimes.crossing(steps, values, 4.0) == (625.0, False)
+    assert regimes.crossing(steps, values, 0.5) == (250.0, True), "reached at the first point: an upper bound"
+    reached, bound = regimes.crossing(steps, values, 9.0)
+    assert math.isnan(reached) and not bound
+
+
+def curves() -> pd.DataFrame:
+    """Two seeds: fixed_rel's curve is none's shifted 250 steps earlier (seed 0) and 500 steps (seed 1)."""
+    rows = []
+    for seed, shift in ((0, 250), (1, 500)):
+        for step in range(250, 3001, 250):
+            rows.append({"arm": "none", "seed": seed, "step": step, "si_sdr": step / 100})
+            rows.append({"arm": "fixed_rel", "seed": seed, "step": step, "si_sdr": (step + shift) / 100})
+    return pd.DataFrame(rows)
+
+
+def test_steps_to_reach_counts_the_steps_saved_per_seed_and_summarises_them_with_an_interval():
+    cost = regimes.steps_to_reach(curves(), milestones=(1000, 3000))
+    saved = cost.set_index(["seed", "milestone"]).steps_saved
+    assert saved[(0, 1000)] == pytest.approx(250) and saved[(1, 1000)] == pytest.approx(500)
+    assert saved[(1, 3000)] == pytest.approx(500)
+    summary = regimes.cost_summary(cost).set_index("milestone")
+    assert summary.loc[1000, "steps_saved"] == pytest.approx(375) and summary.loc[1000, "seeds"] == 2
+    assert summary.loc[1000, "steps_saved_ci95"] > 0 and summary.loc[1000, "never_reached"] == 0
+
+
+def test_end_gaps_pair_the_arms_seed_by_seed_and_use_each_kind_of_quality():
+    rows = []
+    for kind, column in (("codec", "si_sdr_db"), ("quantizer", "snr_db")):
+        for seed in (0, 1, 2):
+            for arm, value in (("none", 1.0 + seed), ("fixed_rel", 3.0 + seed)):
+                rows.append({"regime": kind, "scale": "s", "kind": kind, "bins": 64, "n_q": 1, "frames_per_step": 600,
+                             "encoder": "frozen", "step": 100, "arm": arm, "seed": seed,
+                             "usage": 0.5, column: value, "si_sdr_db" if column == "snr_db" else "snr_db": np.nan})
+    rows.append({**rows[0], "seed": 9, "arm": "none", "si_sdr_db": 50.0})  # an unpaired seed does not count
+    gaps = regimes.end_gaps(pd.DataFrame(rows)).set_index(["regime", "metric"])
+    assert gaps.loc[("codec", "si_sdr_db"), "diff"] == pytest.approx(2.0)
+    assert gaps.loc[("codec", "si_sdr_db"), "paired_seeds"] == 3
+    assert gaps.loc[("quantizer", "snr_db"), "ci95"] == pytest.approx(0.0)
+    assert gaps.loc[("codec", "usage"), "diff"] == pytest.approx(0.0)
+    decision = regimes.decision_table(regimes.last_gaps(gaps.reset_index())).set_index("regime")
+    assert decision.loc["codec", "verdict"] == "better end point" and decision.loc["codec", "seeds"] == 3
+    assert "| codec | 64 x 1 | 600 | frozen | 100 | 3 | SI-SDR 2.00 ± 0.00 |" in regimes.decision_markdown(
+        decision.reset_index())
+    assert regimes.verdict(0.1, 0.2, 3) == "no resolved gap" and regimes.verdict(0.5, math.nan, 1).startswith("one")
+
+
+@pytest.mark.skipif(not (RESULTS / "regimes.csv").is_file(), reason="no committed regime map")
+def test_committed_regime_map_matches_the_runs_it_names():
+    committed = pd.read_csv(RESULTS / "regimes.csv")
+    assert list(committed.columns) == regimes.COLUMNS
+    # a quantizer cell that finishes after the commit adds rows on disk, never changes the committed ones
+    fresh = regimes.regimes_table(RESULTS)
+    fresh = fresh[fresh.run.isin(set(committed.run))].reset_index(drop=True)
+    pd.testing.assert_frame_equal(committed, fresh.astype(committed.dtypes.to_dict()), check_exact=False,
+                                  rtol=1e-9)
+    codec = committed[(committed.kind == "codec") & (committed.bins == 4096) & (committed.n_q == 1)]
+    assert codec.groupby("arm").seed.nunique().to_dict() == {"fixed_rel": 3, "none": 3}
+    assert (codec.groupby(["arm", "seed"]).step.max() >= 3000).all()
