@@ -168,6 +168,13 @@ def plot_levels(frame: pd.DataFrame, prefix: str, title: str, ax=None, levels: i
     return ax
 
 
+def opus_at_spent_bitrate(opus: pd.DataFrame, column: str = "kbps") -> pd.DataFrame:
+    """Opus windows tagged arm "opus", placed at the mean payload bitrate of their requested one (`column`), so
+    that a rate-distortion plot draws one point per request, not one per window (each window spends its own)."""
+    spent = opus.groupby("bandwidth").payload_kbps.mean()
+    return opus.assign(arm="opus", seed=0, **{column: opus.bandwidth.map(spent)})
+
+
 def plot_rate_distortion(items: pd.DataFrame, metric: str, x: str = "nominal_kbps", hue: str = "arm", ax=None,
                          ci: str = "seed", xscale: str = "log"):
     """Mean `metric` against bitrate per `hue` (one line each); error bars = 95 % CI over `ci` (seeds, or
