@@ -103,7 +103,7 @@ def _params_copy(tmp_path: Path, edit) -> Path:
 @pytest.mark.parametrize(
     "edit, args, message",
     [
-        (None, ["--scale", "huge"], "--scale: got 'huge', allowed ['cpu', 'gpu', 'long', 'smoke']"),
+        (None, ["--scale", "huge"], "--scale: got 'huge', allowed ['cpu', 'gpu', 'long', 'regimes', 'smoke']"),
         (None, ["--only", "fixed"], "--only: 'fixed' matches no run"),
         (None, ["--jobs", "0"], "--jobs: got 0, allowed an integer >= 1"),
         (None, ["--gpus", "0,x"], "--gpus: got '0,x', allowed a comma-separated list"),
@@ -276,7 +276,7 @@ def test_smoke_study_writes_tidy_tables(smoke_study):
     assert {"checkpoint", "level", "sum", "below", "dead_floor", "eval_usage"} <= set(audit)
     rows = pd.read_parquet(root / "08_regimes" / "regime_rows.parquet")  # the quantizer map and the codec runs
     quantizer = rows[rows.kind == "quantizer"]
-    assert quantizer.run.nunique() == 8 and set(quantizer.bins) == {64, 256} and (quantizer.encoder == "frozen").all()
+    assert quantizer.run.nunique() == 16 and set(quantizer.bins) == {64, 256} and (quantizer.encoder == "frozen").all()
     assert quantizer.groupby("run").step.max().eq(20).all() and quantizer.snr_db.notna().all()
     assert set(rows[rows.kind == "codec"].arm) >= {"none", "fixed_rel"}
     decision = pd.read_csv(root / "08_regimes" / "decision_table.csv")
