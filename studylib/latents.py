@@ -253,12 +253,18 @@ def cell_cost(cell: GridCell) -> int:
 
 
 def _train_cell(cell: GridCell, latents: Latents, path: Path) -> Path:
-    torch.set_num_threads(1)  # one core per worker: cells run side by side
-    state = path.with_suffix(".state.pt")  # the cell part-way, should it be interrupted
-    metrics, _ = train_on_latents(cell.config, latents.frames["train"], latents.frames.get("valid"),
-                                  latents.frame_rate, progress=False, state=state)
-    write_parquet(metrics.assign(**cell.describe()), path)
-    state.unlink(missing_ok=True)
+    """Train one cell on one thread and write its parquet: cells run side by side in workers, and one thread
+    everywhere gives the same numbers whatever `jobs` (a cell trained in this process restores its thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = path.with_suffix(".state.pt")  # the cell part-way, should it be interrupted
+        metrics, _ = train_on_latents(cell.config, latents.frames["train"], latents.frames.get("valid"),
+                                      latents.frame_rate, progress=False, state=state)
+        write_parquet(metrics.assign(**cell.describe()), path)
+        state.unlink(missing_ok=True)
+    finally:
+        torch.set_num_threads(before)
     return path
 
 

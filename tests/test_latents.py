@@ -170,7 +170,9 @@ def test_a_grid_run_in_two_worker_processes_writes_what_one_process_writes(laten
     from studylib.latents import expand_grid, run_grid
 
     cells = expand_grid(GRID[:1], ROOT / "params" / "arms", BASE)
+    threads = torch.get_num_threads()
     serial = run_grid(cells, latents, tmp_path / "one", progress=False)
+    assert torch.get_num_threads() == threads, "training cells in this process leaves its thread count alone"
     parallel = run_grid(cells, latents, tmp_path / "two", progress=False, jobs=2)
     assert parallel.equals(serial)
     assert not list((tmp_path / "two" / "runs").glob("*.state.pt")), "finished cells leave no state behind"
