@@ -252,6 +252,12 @@ def cell_cost(cell: GridCell) -> int:
     return c.bins * c.frames_per_step * c.n_q * c.steps
 
 
+def training_order(cells: list[GridCell]) -> list[GridCell]:
+    """The order `run_grid` trains cells in: cheapest first, and among cells of one cost one seed's arms
+    together, so that a grid stopped early holds whole paired comparisons (none vs fixed_rel of a seed)."""
+    return sorted(cells, key=lambda cell: (cell_cost(cell), cell.config.seed))
+
+
 def _train_cell(cell: GridCell, latents: Latents, path: Path) -> Path:
     """Train one cell on one thread and write its parquet: cells run side by side in workers, and one thread
     everywhere gives the same numbers whatever `jobs` (a cell trained in this process restores its thread count)."""
@@ -274,7 +280,8 @@ def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progr
     `out_dir/runs/` written when the cell finishes, so an interrupted grid resumes where it stopped.
     Returns all cells' rows, each tagged with `GridCell.describe()`. A cell whose file does not read (cut
     short by a full disk...) is trained again, with a warning naming it. `jobs` > 1: that many cells at a
-    time in worker processes (processes.worker_pool), one thread each, cheapest cells first."""
+    time in worker processes (processes.worker_pool), one thread each, cheapest cells first (one seed's arms
+    together)."""
     runs = Path(out_dir) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     todo = []
@@ -287,7 +294,7 @@ def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progr
             except DamagedFile as e:
                 warn(f"{e}; training that cell again")
         todo.append(cell)
-    todo.sort(key=cell_cost)
+    todo = training_order(todo)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="quantizer grid", disable=not progress)
     if jobs == 1 or len(todo) < 2:
         for cell in todo:

@@ -83,6 +83,21 @@ def test_grid_crosses_lists_and_seeds_and_names_cells_by_arm_hash_seed():
     assert cells[0].variant == "none" and rel[0].variant == "fixed_rel th=0.1 every=1"
 
 
+def test_training_order_is_cheapest_first_with_a_seeds_arms_together():
+    from studylib.latents import cell_cost, expand_grid, training_order
+
+    grid = [{"arm": ["none", "fixed_rel"], "bins": [256, 64], "frames_per_step": [150, 75]}]
+    cells = expand_grid(grid, ROOT / "params" / "arms", BASE)  # arm-major: none s0, none s1, ... fixed_rel ...
+    order = training_order(cells)
+    assert sorted(c.name for c in order) == sorted(c.name for c in cells)
+    costs = [cell_cost(c) for c in order]
+    assert costs == sorted(costs)
+    for cost in set(costs):  # within one cost: seed 0's none and fixed_rel, then seed 1's
+        same = [(c.config.seed, c.arm) for c in order if cell_cost(c) == cost]
+        assert [seed for seed, _ in same] == sorted(seed for seed, _ in same)
+        assert {arm for seed, arm in same if seed == 0} == {"none", "fixed_rel"}
+
+
 @pytest.mark.parametrize("grid, message", [
     ([{"expiry_every": [1]}], "quantizer grid block 0: expected a mapping with an 'arm' key"),
     ([{"arm": "nope"}], "quantizer grid block 0: arm 'nope' unknown; allowed"),
