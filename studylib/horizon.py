@@ -139,6 +139,34 @@ def band_scores(run_folder: str | Path, manifest: str | Path, sources: Sequence[
     return pd.concat(frames, ignore_index=True)
 
 
+BANDS_FILE = "eval_test_bands.parquet"  # a run's band_scores, kept beside its other tables (and committed with them)
+
+
+def cached_band_scores(run_folder: str | Path, manifest: str | Path, sources: Sequence[str],
+                       bandwidths: Sequence[float], per_kind: int | None = None) -> pd.DataFrame:
+    """`band_scores` of a run, kept in its folder (BANDS_FILE): computed from its checkpoint when the file is
+    missing, older than the checkpoint or lacks a source or bandwidth asked for; read from the file otherwise.
+    Checkpoints stay out of git, so a fresh checkout re-renders 07 from the files. Neither: empty, with a warning."""
+    from studylib.storage import read_parquet, warn, write_parquet
+
+    folder = Path(run_folder)
+    path, checkpoint = folder / BANDS_FILE, folder / "checkpoint.pt"
+    kept = read_parquet(path) if path.is_file() else None
+    if kept is not None and set(sources) <= set(kept.source):
+        # with a checkpoint at hand, a newer checkpoint or a bandwidth the file lacks is computed again
+        stale = checkpoint.is_file() and (checkpoint.stat().st_mtime > path.stat().st_mtime
+                                          or not set(bandwidths) <= set(kept.bandwidth))
+        if not stale:
+            return kept[kept.source.isin(list(sources)) & kept.bandwidth.isin(list(bandwidths))].reset_index(drop=True)
+    if not checkpoint.is_file():
+        warn(f"{folder}: no {BANDS_FILE} for these sources and no checkpoint.pt to compute it from; "
+             "its sub-band SI-SDR is left out")
+        return pd.DataFrame()
+    scores = band_scores(folder, manifest, sources, bandwidths, per_kind)
+    write_parquet(scores, path)
+    return scores
+
+
 def low_frequency_share(manifest: str | Path, split: str = "test", per_kind: int | None = None, cutoff: float = 1000.0,
                         seconds: float = 5.0) -> pd.DataFrame:
     """Per source of a split's windows: the mean share of energy below `cutoff` Hz and the spectral centroid."""

@@ -89,6 +89,22 @@ def dump_latents(checkpoint: str | Path, manifest: str | Path | None = None, out
     return out
 
 
+def run_latents(run_folder: str | Path, manifest: str | Path | None = None, progress: bool = True) -> Latents:
+    """The latents of a codec run's encoder: its `latents.pt` (cached beside the run), dumped from its checkpoint
+    the first time. Checkpoints stay out of git, so a fresh checkout has neither: FileNotFoundError saying so and
+    how to get one back (the run's files are otherwise whole, so the study runner does not train it again)."""
+    folder = Path(run_folder)
+    path = folder / "latents.pt"
+    if not path.is_file():
+        if not (folder / "checkpoint.pt").is_file():
+            raise FileNotFoundError(
+                f"{folder}: neither latents.pt nor checkpoint.pt (checkpoints stay out of git); train the run again "
+                f"(`studylib train` with the config in its manifest.json, run_dir elsewhere) and dump its latents "
+                f"with `studylib latents NEW_RUN --out {path}`")
+        dump_latents(folder, manifest, path, progress=progress)
+    return Latents.load(path)
+
+
 # ------------------------------------------------------------------------------- RVQ on latents
 
 
@@ -274,6 +290,22 @@ def _train_cell(cell: GridCell, latents: Latents, path: Path) -> Path:
     return path
 
 
+def unfinished(cells: list[GridCell], out_dir: str | Path) -> list[GridCell]:
+    """The cells of `cells` without a readable `out_dir/runs/<cell>.parquet` (a damaged one is named in a warning):
+    what `run_grid` would train. None left: a report needs neither the latents nor the checkpoint they come from."""
+    todo = []
+    for cell in cells:
+        path = Path(out_dir) / "runs" / f"{cell.name}.parquet"
+        if path.is_file():
+            try:
+                read_parquet(path)
+                continue
+            except DamagedFile as e:
+                warn(f"{e}; training that cell again")
+        todo.append(cell)
+    return todo
+
+
 def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progress: bool = True,
              jobs: int = 1) -> pd.DataFrame:
     """Train every cell on `latents` (train split; eval on valid), one parquet per cell in
@@ -284,17 +316,7 @@ def run_grid(cells: list[GridCell], latents: Latents, out_dir: str | Path, progr
     together)."""
     runs = Path(out_dir) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    todo = []
-    for cell in cells:
-        path = runs / f"{cell.name}.parquet"
-        if path.is_file():
-            try:
-                read_parquet(path)
-                continue
-            except DamagedFile as e:
-                warn(f"{e}; training that cell again")
-        todo.append(cell)
-    todo = training_order(todo)
+    todo = training_order(unfinished(cells, out_dir))
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="quantizer grid", disable=not progress)
     if jobs == 1 or len(todo) < 2:
         for cell in todo:

@@ -136,3 +136,23 @@ def test_findings_write_the_equivalence_table_when_a_baseline_is_kept(tmp_path):
     table = pd.read_csv(path)
     assert set(table.baseline) == {"fp32_eager"} and len(table) == 2 * 3 * len(findings.EQUIVALENCE_METRICS)
     assert table[table.metric == "si_sdr_db"]["diff"].tolist() == pytest.approx([0.1] * 6)
+
+
+def test_band_scores_are_kept_beside_the_run_and_read_back_without_its_checkpoint(milestone_run, synthetic_manifest,
+                                                                                  capsys):
+    """07 re-renders on a fresh checkout (no checkpoints): the sub-band table of each run is kept in its folder."""
+    import shutil
+
+    from studylib.corpus import load_manifest
+
+    sources = sorted(load_manifest(synthetic_manifest).query("split == 'test'").source.unique())
+    run = milestone_run.parent / "bands_run"
+    shutil.copytree(milestone_run, run)
+    first = horizon.cached_band_scores(run, synthetic_manifest, sources, [1.5], per_kind=2)
+    kept = run / horizon.BANDS_FILE
+    assert kept.is_file() and len(first) and set(first.bandwidth) == {1.5} and set(first.source) == set(sources)
+    (run / "checkpoint.pt").unlink()
+    again = horizon.cached_band_scores(run, synthetic_manifest, sources, [1.5], per_kind=2)
+    pd.testing.assert_frame_equal(again, first)
+    assert horizon.cached_band_scores(run, synthetic_manifest, ["no such source"], [1.5]).empty
+    assert "no eval_test_bands.parquet for these sources and no checkpoint.pt" in capsys.readouterr().err

@@ -191,3 +191,31 @@ def test_a_grid_run_in_two_worker_processes_writes_what_one_process_writes(laten
     parallel = run_grid(cells, latents, tmp_path / "two", progress=False, jobs=2)
     assert parallel.equals(serial)
     assert not list((tmp_path / "two" / "runs").glob("*.state.pt")), "finished cells leave no state behind"
+
+
+def test_a_finished_grid_needs_no_latents_and_a_missing_source_checkpoint_says_how_to_get_one(smoke_run, latents,
+                                                                                              tmp_path):
+    """A fresh checkout has the cells' files but no checkpoint (they stay out of git): a report on a finished grid
+    must not need the latents, and a grid with cells left must say why it cannot go on and how to get them back."""
+    import shutil
+
+    from studylib.latents import expand_grid, run_grid, run_latents, unfinished
+
+    cells = expand_grid(GRID[:1], ROOT / "params" / "arms", BASE)
+    assert unfinished(cells, tmp_path) == cells
+    run_grid(cells[:1], latents, tmp_path, progress=False)
+    assert unfinished(cells, tmp_path) == cells[1:]
+    (tmp_path / "runs" / f"{cells[0].name}.parquet").write_bytes(b"cut short")  # a damaged file is not finished
+    assert unfinished(cells, tmp_path) == cells
+
+    checkout = tmp_path / "checkout_run"
+    checkout.mkdir()
+    for name in ("manifest.json", "metrics.parquet"):
+        shutil.copy(smoke_run / name, checkout / name)
+    with pytest.raises(FileNotFoundError, match=r"neither latents\.pt nor checkpoint\.pt .*studylib latents"):
+        run_latents(checkout)
+    shutil.copy(smoke_run / "checkpoint.pt", checkout / "checkpoint.pt")
+    dumped = run_latents(checkout, progress=False)  # dumped once, then read from latents.pt
+    assert (checkout / "latents.pt").is_file() and torch.equal(dumped.frames["train"], latents.frames["train"])
+    (checkout / "checkpoint.pt").unlink()
+    assert torch.equal(run_latents(checkout).frames["valid"], latents.frames["valid"])
