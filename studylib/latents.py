@@ -99,8 +99,8 @@ def run_latents(run_folder: str | Path, manifest: str | Path | None = None, prog
         if not (folder / "checkpoint.pt").is_file():
             raise FileNotFoundError(
                 f"{folder}: neither latents.pt nor checkpoint.pt (checkpoints stay out of git); train the run again "
-                f"(`studylib train` with the config in its manifest.json, run_dir elsewhere) and dump its latents "
-                f"with `studylib latents NEW_RUN --out {path}`")
+                f"with `studylib train --like {folder} --set run_dir=NEW_RUN` and dump its latents with "
+                f"`studylib latents NEW_RUN --out {path}`")
         dump_latents(folder, manifest, path, progress=progress)
     return Latents.load(path)
 

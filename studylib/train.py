@@ -752,14 +752,37 @@ def validate(model: Codec, mel_loss: MultiScaleMelLoss, dataset: AudioDataset, c
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def like_overlay(run: str | None, sets: list[str]) -> list[dict[str, Any]]:
+    """`--like RUN`: RUN's stored config as the first overlay (none without RUN). Its run_dir is RUN itself, so a
+    new one must be set: training into RUN would overwrite its committed tables."""
+    if run is None:
+        return []
+    found = read_manifest(run)
+    if not found or not isinstance(found.get("config"), dict):
+        raise UserError(f"--like: {Path(run) / 'manifest.json'} does not exist or holds no config")
+    new_dir = dict(cfglib.parse_set(s) for s in sets).get("run_dir")
+    if new_dir is None or Path(new_dir).resolve() == Path(run).resolve():
+        raise UserError(f"--like {run}: give the new run its own folder with --set run_dir=FOLDER (not {run})")
+    return [found["config"]]
+
+
+
+
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="studylib train", description="Train a codec run from YAML params.")
-    parser.add_argument("params", nargs="+", help="YAML overlays, applied in order over the defaults")
+    parser.add_argument("params", nargs="*", help="YAML overlays, applied in order over the defaults")
+    parser.add_argument("--like", metavar="RUN",
+                        help="start from the config stored in RUN's manifest.json (train a run again whose checkpoint "
+                             "is lost: checkpoints stay out of git); needs --set run_dir=ANOTHER_FOLDER")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key (value read as YAML); repeatable")
     args = parser.parse_args(argv)
+    if not args.params and not args.like:
+        parser.error("give YAML params, --like RUN, or both")
     try:
-        cfg = cfglib.load(TrainConfig, args.params, args.sets)
+        cfg = cfglib.build(TrainConfig, [*like_overlay(args.like, args.sets),
+                                         *(cfglib.read_overlay(p) for p in args.params),
+                                         dict(cfglib.parse_set(s) for s in args.sets)])
         run = train(cfg)
     except UserError as e:  # bad params, manifest, checkpoint or run folder (before anything was written); full disk
         print(f"studylib train: {e}", file=sys.stderr)

@@ -85,6 +85,21 @@ def test_same_config_and_seed_give_identical_metrics(reference_run, synthetic_ma
     assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
+def test_like_trains_a_run_again_from_its_stored_config_to_the_same_bits(reference_run, tmp_path, capsys):
+    """A committed run whose checkpoint is lost (they stay out of git) is trained again from its manifest.json alone;
+    never into its own folder, whose tables are committed."""
+    assert trainlib.cli(["--like", str(reference_run)]) == 2
+    assert f"--like {reference_run}: give the new run its own folder" in capsys.readouterr().err
+    assert trainlib.cli(["--like", str(tmp_path / "nothing"), "--set", f"run_dir={tmp_path / 'x'}"]) == 2
+    assert "manifest.json does not exist or holds no config" in capsys.readouterr().err
+    assert trainlib.cli(["--like", str(reference_run), "--set", f"run_dir={tmp_path / 'again'}"]) == 0
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    first = json.loads((reference_run / "manifest.json").read_text())
+    assert {**again["config"], "run_dir": None} == {**first["config"], "run_dir": None}
+    a, b = comparable(reference_run), comparable(tmp_path / "again")
+    assert a[0].equals(b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
 def test_killed_run_resumes_to_the_same_result(reference_run, synthetic_manifest, tmp_path, monkeypatch):
     cfg = smoke_config(synthetic_manifest, tmp_path / "killed", **SMOKE_RUN)
     cfg_dir = train_killed_then_resumed(cfg, 13, monkeypatch)
