@@ -110,6 +110,11 @@ def _blocked_sums(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: int, bloc
     return out
 
 
+def _block_candidates(n: int) -> tuple[int, ...]:
+    """The block sizes `_reduction_block` tries for `n` rows, in order: all rows at once, two halves, the list."""
+    return tuple(dict.fromkeys((n, n // 2 or 1, *(b for b in _BLOCK_CANDIDATES if b < n))))
+
+
 def _reduction_block(n: int, d: int, num_codes: int, dtype: torch.dtype, device: torch.device) -> int | None:
     """The block size with which `_blocked_sums` reproduces the matmul bit for bit on this machine, found
     once per shape on stress data (few codes, so every sum spans many blocks); None if none does."""
@@ -119,7 +124,7 @@ def _reduction_block(n: int, d: int, num_codes: int, dtype: torch.dtype, device:
         trials = [(torch.randn(n, d, generator=g).to(device, dtype),
                    torch.randint(0, min(num_codes, 4 + t), (n,), generator=g).to(device)) for t in range(3)]
         _BLOCKS[key] = next(
-            (block for block in dict.fromkeys((n, n // 2 or 1, *(b for b in _BLOCK_CANDIDATES if b < n)))
+            (block for block in _block_candidates(n)
              if all(torch.equal(_blocked_sums(x, i, num_codes, block), _onehot_matmul(x, i, num_codes))
                     for x, i in trials)),
             None,

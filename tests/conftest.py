@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ from studylib.corpus import build_corpus
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "scales" / "smoke.yaml"
+
+# A test suite started in the background by a non-interactive shell (`make test &`, nohup, some CI runners) inherits
+# SIGINT ignored, and an ignored signal stays ignored across exec: the commands the Ctrl-C tests start would then
+# never see it (caught on 2026-12-07: `(make test &)` failed the two SIGINT tests, the run finishing unstopped).
+# A handler of our own is reset to the default at exec, so the children start as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
