@@ -88,10 +88,12 @@ def nearest_among_distinct(uniq_s: torch.Tensor, means: torch.Tensor) -> torch.T
 # ------------------------------------------------------------------------ EnCodec's cluster sums, fast
 
 # Reduction block sizes to try: BLAS libraries sum a matmul's inner dimension sequentially within blocks
-# of a fixed size and add the blocks in order (MKL on AVX-512 uses 192 for EnCodec's shapes; on an AVX-512 Xeon
-# with AMX, one thread, MKL 2024.2 halves 600 rows into two blocks of 300 and matches no fixed block at 4,800).
+# of a fixed size and add the blocks in order. MKL on an AVX2 EPYC uses 192 for EnCodec's shapes, its last block
+# short; MKL 2024.2 on an AVX-512 Xeon with AMX (one thread) uses 384 and splits what is left for the last two
+# blocks evenly (600 rows: 300 + 300; 4,800: 11 x 384, then 288 + 288), found by probing which rows a large
+# value swallows.
 _BLOCK_CANDIDATES = (192, 256, 128, 384, 512, 96, 64, 320, 160, 224, 288, 448, 32)
-_BLOCKS: dict[tuple, int | None] = {}
+_BLOCKS: dict[tuple, tuple[int, ...] | None] = {}
 
 
 def _onehot_matmul(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: int) -> torch.Tensor:
@@ -100,33 +102,45 @@ def _onehot_matmul(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: int) -> 
     return (x.t() @ onehot).t()
 
 
-def _blocked_sums(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: int, block: int) -> torch.Tensor:
-    """Per-code sums of x's rows: in row order within each block of `block` rows, blocks added in order."""
-    out = None
-    for start in range(0, x.shape[0], block):
-        rows = slice(start, start + block)
+def _blocked_sums(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: int, layout: tuple[int, ...]) -> torch.Tensor:
+    """Per-code sums of x's rows: in row order within each block (`layout`: the blocks' lengths, which add up to
+    the rows), blocks added in order."""
+    out, start = None, 0
+    for length in layout:
+        rows = slice(start, start + length)
         part = x.new_zeros(num_codes, x.shape[1]).index_add_(0, embed_ind[rows], x[rows])
         out = part if out is None else out.add_(part)
+        start += length
     return out
 
 
-def _block_candidates(n: int) -> tuple[int, ...]:
-    """The block sizes `_reduction_block` tries for `n` rows, in order: all rows at once, two halves, the list."""
-    return tuple(dict.fromkeys((n, n // 2 or 1, *(b for b in _BLOCK_CANDIDATES if b < n))))
+def _block_candidates(n: int) -> tuple[tuple[int, ...], ...]:
+    """The block layouts `_reduction_block` tries for `n` rows, in order: all rows at once, then for each block
+    size blocks of that size with a short last one, and the same with the last two sharing what is left evenly."""
+    layouts = [(n,)]
+    for block in (b for b in _BLOCK_CANDIDATES if b < n):
+        full, rest = divmod(n, block)
+        layouts.append((block,) * full + ((rest,) if rest else ()))
+        if rest:  # the tail block + rest split in two: half and half (the larger half first, then second)
+            tail = block + rest
+            layouts += [(block,) * (full - 1) + (tail - tail // 2, tail // 2),
+                        (block,) * (full - 1) + (tail // 2, tail - tail // 2)]
+    return tuple(dict.fromkeys(layouts))
 
 
-def _reduction_block(n: int, d: int, num_codes: int, dtype: torch.dtype, device: torch.device) -> int | None:
-    """The block size with which `_blocked_sums` reproduces the matmul bit for bit on this machine, found
+def _reduction_block(n: int, d: int, num_codes: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[int, ...] | None:
+    """The block layout with which `_blocked_sums` reproduces the matmul bit for bit on this machine, found
     once per shape on stress data (few codes, so every sum spans many blocks); None if none does."""
     key = (n, d, num_codes, dtype, device, torch.get_num_threads())
     if key not in _BLOCKS:
         g = torch.Generator().manual_seed(n)  # private: the global RNG is not touched
         trials = [(torch.randn(n, d, generator=g).to(device, dtype),
                    torch.randint(0, min(num_codes, 4 + t), (n,), generator=g).to(device)) for t in range(3)]
+        expected = [_onehot_matmul(x, i, num_codes) for x, i in trials]
         _BLOCKS[key] = next(
-            (block for block in _block_candidates(n)
-             if all(torch.equal(_blocked_sums(x, i, num_codes, block), _onehot_matmul(x, i, num_codes))
-                    for x, i in trials)),
+            (layout for layout in _block_candidates(n)
+             if all(torch.equal(_blocked_sums(x, i, num_codes, layout), e) for (x, i), e in zip(trials, expected))),
             None,
         )
     return _BLOCKS[key]
@@ -139,7 +153,7 @@ def encodec_cluster_sums(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: in
     that order is identified (and verified) for a shape, scatter-adds in the same order give the same
     bits at a fraction of the cost. Elsewhere (e.g. cuBLAS) it falls back to the matmul itself.
     """
-    block = _reduction_block(x.shape[0], x.shape[1], num_codes, x.dtype, x.device)
-    if block is None:
+    layout = _reduction_block(x.shape[0], x.shape[1], num_codes, x.dtype, x.device)
+    if layout is None:
         return _onehot_matmul(x, embed_ind, num_codes)
-    return _blocked_sums(x, embed_ind, num_codes, block)
+    return _blocked_sums(x, embed_ind, num_codes, layout)
