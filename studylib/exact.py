@@ -9,6 +9,8 @@ per code with an N x K one-hot matmul. Both results are reproduced here exactly 
 
 * `nearest_upstream_exact`: a matmul ranks the means; only those within a rigorous rounding margin of the
   best are re-scored with EnCodec's own expression, so ties and near-ties resolve exactly as EnCodec's do.
+* `nearest_codes`: the lookup's ``addmm(...).argmin()`` in row blocks that stay in cache, where a check per
+  shape finds the blocks give the one-call product's bits.
 * `encodec_cluster_sums`: a one-hot product only adds rows of x, in the order the BLAS library's blocking
   dictates; that order is identified once per shape (and verified), then scatter-adds in the same order
   give the same bits. Where no order matches (e.g. cuBLAS) the matmul itself is used.
@@ -19,10 +21,11 @@ Nothing here decides *what* the codebook does; `studylib.quantization` reads as 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["nearest_upstream_exact", "nearest_among_distinct", "encodec_cluster_sums"]
+__all__ = ["nearest_upstream_exact", "nearest_among_distinct", "encodec_cluster_sums", "nearest_codes"]
 
 
 def _matmul_unit_roundoff(device: torch.device) -> float:
@@ -157,3 +160,43 @@ def encodec_cluster_sums(x: torch.Tensor, embed_ind: torch.Tensor, num_codes: in
     if layout is None:
         return _onehot_matmul(x, embed_ind, num_codes)
     return _blocked_sums(x, embed_ind, num_codes, layout)
+
+
+# ------------------------------------------------------------------------------ the lookup in row blocks
+
+_ROW_BLOCK = 128  # rows of distances per block: 128 x K floats stay in cache between the matmul and the argmin
+_BLOCKED_FROM = 1 << 22  # n x K from which blocks pay (benchmarks/bench_nearest.py)
+_ROWS_EXACT: dict[tuple, bool] = {}
+
+
+def _row_blocks_exact(x: torch.Tensor, distances: Callable[[torch.Tensor], torch.Tensor], kind: str) -> bool:
+    """Whether `distances` of each row block gives the bits of `distances` of all rows for x's shape and layout
+    on this machine (a BLAS library may pick another kernel for a short block); checked once on random rows,
+    since the rounding order depends on the shapes, not the values."""
+    key = (kind, tuple(x.shape), x.stride(), x.dtype, torch.get_num_threads())  # K is in `kind`
+    if key not in _ROWS_EXACT:
+        g = torch.Generator().manual_seed(x.shape[0])  # private: the global RNG is not touched
+        xs = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).normal_(generator=g)
+        full = distances(xs)
+        _ROWS_EXACT[key] = all(torch.equal(distances(xs[i: i + _ROW_BLOCK]), full[i: i + _ROW_BLOCK])
+                               for i in range(0, x.shape[0], _ROW_BLOCK))
+    return _ROWS_EXACT[key]
+
+
+def nearest_codes(x: torch.Tensor, distances: Callable[[torch.Tensor], torch.Tensor], num_codes: int,
+                  kind: str) -> torch.Tensor:
+    """``distances(x).argmin(-1)`` -> [n] for rows x [n, d], bit for bit; `distances` maps rows [m, d] to their
+    distances to the `num_codes` codes [m, K] row by row (`kind` names the expression for the check).
+
+    At 4,800 frames x K = 16,384 the [n, K] matrix (315 MB) leaves the cache before argmin reads it back; in
+    row blocks of `_ROW_BLOCK` it does not (~1.8x on one core). Blocks are used on CPU for large problems only,
+    and only where `_row_blocks_exact` finds they round as the whole product does.
+    """
+    n = x.shape[0]
+    if x.device.type != "cpu" or n <= _ROW_BLOCK or n * num_codes < _BLOCKED_FROM \
+            or not _row_blocks_exact(x, distances, kind):
+        return distances(x).argmin(dim=-1)
+    out = torch.empty(n, dtype=torch.long)
+    for start in range(0, n, _ROW_BLOCK):
+        out[start: start + _ROW_BLOCK] = distances(x[start: start + _ROW_BLOCK]).argmin(dim=-1)
+    return out

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studylib import distributed
-from studylib.exact import encodec_cluster_sums, nearest_among_distinct
+from studylib.exact import encodec_cluster_sums, nearest_among_distinct, nearest_codes
 
 MODES = ("none", "upstream", "fixed")
 THRESHOLD_KINDS = ("absolute", "relative")
@@ -213,12 +213,15 @@ class EuclideanCodebook(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code of each row of x [n, d] -> [n]."""
         embed_t = self.embed.t()  # [d, K]
+        sq_e = embed_t.pow(2).sum(0, keepdim=True)  # [1, K]
         if self.reference_arithmetic:
             # EnCodec: -(|x|^2 - 2 x.e + |e|^2).max(-1); same roundings in the same order, in place.
             # Scaling an operand by -2 scales every partial sum exactly, so x @ (-2 e) == -2 (x @ e).
-            dist = (x @ (-2 * self.embed).t()).add_(x.pow(2).sum(1, keepdim=True))
-            return dist.add_(embed_t.pow(2).sum(0, keepdim=True)).argmin(dim=-1)
-        return torch.addmm(embed_t.pow(2).sum(0, keepdim=True), x, embed_t, alpha=-2.0).argmin(dim=-1)
+            m2e_t = (-2 * self.embed).t()
+            return nearest_codes(x, lambda rows: (rows @ m2e_t).add_(rows.pow(2).sum(1, keepdim=True)).add_(sq_e),
+                                 self.codebook_size, f"encodec K={self.codebook_size}")
+        return nearest_codes(x, lambda rows: torch.addmm(sq_e, rows, embed_t, alpha=-2.0),
+                             self.codebook_size, f"addmm K={self.codebook_size}")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize(x.reshape(-1, self.dim)).view(x.shape[:-1])

@@ -448,3 +448,47 @@ def test_init_codebooks_runs_kmeans_level_by_level_on_all_frames():
     embed1 = rvq.codebooks[1].embed.clone()
     rvq.init_codebooks(x * 10)  # initialised levels are left alone
     assert torch.equal(rvq.codebooks[1].embed, embed1)
+
+
+@pytest.mark.parametrize("mode", ["none", "fixed"])
+@pytest.mark.parametrize("n, k", [(4800, 1024), (1100, 4096), (300, 16384)])
+def test_lookup_in_row_blocks_gives_the_one_call_codes(mode, n, k):
+    """The lookup computes large distance matrices in row blocks (studylib.exact.nearest_codes); the codes must
+    be those of the whole [n, K] expression, EnCodec's for `none` (the parity with encodec rests on it)."""
+    from studylib import exact
+
+    assert n * k >= exact._BLOCKED_FROM  # the shapes do take the blocked path
+    g = torch.Generator().manual_seed(k)
+    book = EuclideanCodebook(128, k, kmeans_init=False, expiry=ExpiryConfig(mode=mode))
+    book.embed.copy_(torch.randn(k, 128, generator=g))
+    x = torch.randn(n, 128, generator=g) * 2 + 0.5
+    x[7] = book.embed[3]  # an exact hit, and a row tied between two equal codes
+    book.embed[11] = book.embed[10]
+    x[200] = book.embed[10]
+    embed_t = book.embed.t()
+    sq_e = embed_t.pow(2).sum(0, keepdim=True)
+    if mode == "none":
+        expected = (x @ (-2 * book.embed).t()).add_(x.pow(2).sum(1, keepdim=True)).add_(sq_e).argmin(dim=-1)
+    else:
+        expected = torch.addmm(sq_e, x, embed_t, alpha=-2.0).argmin(dim=-1)
+    codes = book.quantize(x)
+    assert torch.equal(codes, expected)
+    assert codes[200] == 10
+
+
+def test_lookup_keeps_the_whole_matrix_where_blocks_would_round_differently(monkeypatch):
+    from studylib import exact
+
+    monkeypatch.setattr(exact, "_ROWS_EXACT", {})
+    calls = []
+
+    def distances(rows):  # a row's distances depend on how many rows come with it: blocks must be refused
+        calls.append(rows.shape[0])
+        return rows @ torch.ones(rows.shape[1], 64) + rows.shape[0]
+
+    x = torch.randn(100_000, 4)
+    assert x.shape[0] * 64 >= exact._BLOCKED_FROM
+    codes = exact.nearest_codes(x, distances, 64, "row-count dependent")
+    assert not exact._ROWS_EXACT[("row-count dependent", (100_000, 4), (4, 1), torch.float32, torch.get_num_threads())]
+    assert calls[-1] == 100_000  # the answer came from the whole matrix
+    assert torch.equal(codes, distances(x).argmin(dim=-1))
