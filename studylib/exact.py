@@ -189,8 +189,8 @@ def nearest_codes(x: torch.Tensor, distances: Callable[[torch.Tensor], torch.Ten
     distances to the `num_codes` codes [m, K] row by row (`kind` names the expression for the check).
 
     At 4,800 frames x K = 16,384 the [n, K] matrix (315 MB) leaves the cache before argmin reads it back; in
-    row blocks of `_ROW_BLOCK` it does not (1.6-1.7x on one core, AVX-512 Xeon). Blocks are used on CPU for large problems only,
-    and only where `_row_blocks_exact` finds they round as the whole product does.
+    row blocks of `_ROW_BLOCK` it does not (1.6-1.7x on one core, AVX-512 Xeon). Blocks are used on CPU for
+    large problems only, and only where `_row_blocks_exact` finds they round as the whole product does.
     """
     n = x.shape[0]
     if x.device.type != "cpu" or n <= _ROW_BLOCK or n * num_codes < _BLOCKED_FROM \
