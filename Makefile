@@ -43,14 +43,19 @@ corpus: $(STAMP) tools
 # train ~1.4x faster than one two-thread run after another, benchmarks/bench_train_step.py); GPUS=0,1 dispatches one run per GPU.
 JOBS ?= 2
 GPUS ?=
-study: $(STAMP) tools
-	$(BIN)/studylib study --scale $(SCALE) --jobs $(JOBS) $(if $(GPUS),--gpus $(GPUS))
+# DRY_RUN=1: list what would run and why, with estimated times, and run nothing (no corpus build either)
+DRY_RUN ?=
+study: $(STAMP) $(if $(DRY_RUN),,tools)
+	$(BIN)/studylib study --scale $(SCALE) --jobs $(JOBS) $(if $(GPUS),--gpus $(GPUS)) $(if $(DRY_RUN),--dry-run)
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest
 
+# ruff, and the layering contract of studylib (pyproject.toml [tool.importlinter]: each subpackage imports only
+# the ones below it)
 lint: $(STAMP)
 	$(BIN)/ruff check studylib tests benchmarks notebooks
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rvq.py --out results/bench_rvq.csv

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from studylib.codec import Codec, CodecConfig, full_precision
+from studylib.model.codec import Codec, CodecConfig, full_precision
 
 CONFIGS: dict[str, Callable[[], CodecConfig]] = {
     "tiny": CodecConfig.tiny,

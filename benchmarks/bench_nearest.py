@@ -1,6 +1,6 @@
 """The codebook lookup in row blocks vs in one call: same bits, how much faster, on this machine, one thread.
 
-`EuclideanCodebook.quantize` (studylib.exact.nearest_codes) computes the [n, K] distances in blocks of 128
+`EuclideanCodebook.quantize` (studylib.quantizers.exact.nearest_codes) computes the [n, K] distances in blocks of 128
 rows where n x K is large, so each block is still in cache when argmin reads it. This prints, for the
 quantizer-only map's shapes (600 / 4,800 frames, K = 1,024 / 4,096 / 16,384) and both distance expressions
 (EnCodec's, used by `none`/`upstream`; addmm, used by `fixed`), the median time of the one-call expression
@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from studylib.quantization import EuclideanCodebook, ExpiryConfig
+from studylib.quantizers.ema import EuclideanCodebook, ExpiryConfig
 
 DIM = 128
 SHAPES = [(600, 1024), (600, 4096), (4800, 4096), (600, 16384), (4800, 16384)]

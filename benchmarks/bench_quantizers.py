@@ -1,7 +1,9 @@
 """Benchmark of what each quantizer arm costs per training step: the cpu recipe's whole step
-(`studylib.train.train_step`: forward, losses through the balancer, penalty, backward, Adam) of the small codec with
-the quantizer of arm `none` (our EMA RVQ, no expiry), `dac` (studylib.factorized), `simvq` and `vqtorch`
-(studylib.peer), on the same batches, bandwidths cycled (1.5 to 24 kbps), in interleaved rounds (each arm once per
+(`studylib.training.train.train_step`: forward, losses through the balancer, penalty, backward, Adam) of the small
+codec with
+the quantizer of arm `none` (our EMA RVQ, no expiry), `dac` (studylib.quantizers.factorized), `simvq` and `vqtorch`
+(studylib.quantizers.peer), on the same batches, bandwidths cycled (1.5 to 24 kbps), in interleaved rounds (each arm
+once per
 round, the order rotating) after a warm-up step at 24 kbps (the EMA arms' k-means of all 32 levels); medians, and
 each arm's ratio to `none`: the step cost that issue 20's comparison reports beside the quality.
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from bench_train_step import BANDWIDTHS, recipe_config, write_csv
 
-from studylib.train import build_parts, train_step
+from studylib.training.train import build_parts, train_step
 
 
 def step_times(arms: list[str], repeats: int) -> dict[str, list[float]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from studylib.quantization import ExpiryConfig, ResidualVectorQuantizer, kmeans
+from studylib.quantizers.ema import ExpiryConfig, ResidualVectorQuantizer, kmeans
 
 N_Q, DIM, BINS, FRAMES, FRAME_RATE = 8, 128, 1024, 600, 75
 BANDWIDTH = N_Q * 10 * FRAME_RATE / 1000  # 6 kbps = 8 levels

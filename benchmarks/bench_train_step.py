@@ -1,4 +1,4 @@
-"""Benchmark of the cpu recipe's whole training step (`studylib.train.train_step`: forward, mel + L1 + -SI-SDR
+"""Benchmark of the cpu recipe's whole training step (`studylib.training.train.train_step`: forward, mel + L1 + -SI-SDR
 through the balancer, commitment, backward, Adam) in every execution setting, as a ratio to the step as it was
 before the speed work of 2026-12-03 (`today`: fp32, eager, the mel loss through torch.stft and autograd).
 
@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from studylib import config as cfglib
-from studylib.train import TrainConfig, build_parts, missing_cpu_bf16, train_step
+from studylib.core import config as cfglib
+from studylib.training.run_config import TrainConfig
+from studylib.training.train import build_parts, missing_cpu_bf16, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)

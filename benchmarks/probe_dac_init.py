@@ -1,5 +1,5 @@
 """Probe of how `quantizer: dac` starts on the cpu recipe: DAC's own quantizer init against the unit-gain one
-(studylib.factorized), everything else as `params/scales/cpu.yaml` + `params/arms/dac.yaml`.
+(studylib.quantizers.factorized), everything else as `params/scales/cpu.yaml` + `params/arms/dac.yaml`.
 
 Every `--every` steps, on 16 fixed validation windows: how much the encoder's latent frames still point in different
 directions (mean cosine to their mean direction, and the spread: RMS distance to the mean / RMS norm), their
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from studylib import codec as codeclib
-from studylib import config as cfglib
-from studylib.data import AudioDataset
-from studylib.metrics import si_sdr
-from studylib.train import TrainConfig, _train_batch, build_parts, train_step
+from studylib.core import config as cfglib
+from studylib.model import codec as codeclib
+from studylib.model.metrics import si_sdr
+from studylib.training.data import AudioDataset
+from studylib.training.run_config import TrainConfig
+from studylib.training.train import _train_batch, build_parts, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE_STEPS = (2, 5, 10, 20, 50)

@@ -7,7 +7,8 @@ EnCodec's k-means runs on the first batch (600 frames), so with K > 600 at least
 the EMA multiplies both by the decay (0.99); the Laplace-smoothed count stops shrinking at epsilon, so the code
 shrinks by 0.99 a step and reaches the data's scale after about ln(1e5) / ln(1 / 0.99) ~ 1,150 steps, whatever K.
 Those it passes close to frames on the way are caught; the rest shrink on towards the origin. This prints, every
-few steps of a `none` quantizer-only run (the regime map's setup, studylib.latents), the median norm of the codes
+few steps of a `none` quantizer-only run (the regime map's setup, studylib.training.latents), the median norm of the
+codes
 that k-means left empty, the share of them used on held-out frames and the codebook's usage.
 results/README.md section 12 quotes its output.
 
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from studylib.latents import Latents, expand_grid
-from studylib.quantization import ResidualVectorQuantizer
+from studylib.quantizers.ema import ResidualVectorQuantizer
+from studylib.training.latents import Latents, expand_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_AT = (1, 250, 500, 750, 1000, 1100, 1150, 1200, 1300, 1500, 2000, 3000, 5000, 10000)

@@ -1,5 +1,5 @@
 """Where the cpu recipe's training step spends its time: `torch.profiler` over a few steps of
-`studylib.train.train_step` (one thread, after warm-up), grouped into the parts the speed work looked at
+`studylib.training.train.train_step` (one thread, after warm-up), grouped into the parts the speed work looked at
 (convolutions, elementwise work, the mel loss's FFTs, the LSTM, the quantizer, the optimizer, copies), plus the
 top operators by self time and, for any convolution that leaves oneDNN (`_slow_conv2d`), its input shapes.
 
@@ -18,7 +18,7 @@ import torch
 from bench_train_step import BANDWIDTHS, recipe_config
 from torch.profiler import ProfilerActivity, profile
 
-from studylib.train import build_parts, train_step
+from studylib.training.train import build_parts, train_step
 
 # operator-name fragments -> the part of the step they belong to (first match wins)
 GROUPS = (

@@ -2,7 +2,8 @@
 
 The three lines a training script adds (after building / loading the model, before DDP):
 
-    from studylib import ExpiryConfig, patch_codebooks
+    from studylib import ExpiryConfig
+    from studylib import patch_codebooks
     patch_codebooks(model, expiry=ExpiryConfig(mode="fixed", threshold=0.1, threshold_kind="relative", every=5))
     ...  # state dicts stay EnCodec's; `unpatch_codebooks(model)` before pickling whole modules
 
@@ -15,7 +16,7 @@ batch) and after it, plus the held-out SNR of the quantized latents.
 
 With `--audiocraft` the quantizer is AudioCraft 1.3.0's `ResidualVectorQuantizer` with its 24 kHz EnCodec
 settings (32 x 1024 x 128, k-means 50 iterations, threshold 2; loaded by
-`studylib.patch.load_audiocraft_quantization`), run at the same 8 levels without quantizer dropout so that
+`studylib.quantizers.patch.load_audiocraft_quantization`), run at the same 8 levels without quantizer dropout so that
 the two tables compare; the latents still come from the same frozen `encodec` encoder.
 
 Mind the horizon: at decay 0.99 a relative threshold of 0.1 flags a code only after about 229 steps
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from studylib import ExpiryConfig, patch_codebooks
-from studylib.data import AudioDataset
+from studylib.training.data import AudioDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
@@ -86,7 +87,7 @@ def encodec_quantizer(seed: int, frame_rate: int, bandwidth: float) -> Quantizer
 
 
 def audiocraft_quantizer(seed: int, frame_rate: int, bandwidth: float) -> Quantizer:
-    from studylib.patch import load_audiocraft_quantization
+    from studylib.quantizers.patch import load_audiocraft_quantization
 
     torch.manual_seed(seed)
     rvq = load_audiocraft_quantization().ResidualVectorQuantizer(  # config/model/encodec (24 kHz, causal)

@@ -1,8 +1,8 @@
 """EnCodec dead-code expiry study."""
 
 # The drop-in fix, importable from the package without making `import studylib` load torch.
-_LAZY = {"patch_codebooks": "studylib.patch", "unpatch_codebooks": "studylib.patch",
-         "ExpiryConfig": "studylib.quantization"}
+_LAZY = {"patch_codebooks": "studylib.quantizers.patch", "unpatch_codebooks": "studylib.quantizers.patch",
+         "ExpiryConfig": "studylib.quantizers.ema"}
 __all__ = list(_LAZY)
 
 

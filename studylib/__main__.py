@@ -12,14 +12,14 @@ import sys
 
 # command -> (module, function taking argv list and returning an exit code)
 COMMANDS = {
-    "corpus": ("studylib.corpus", "cli"),
-    "train": ("studylib.train", "cli"),
-    "latents": ("studylib.latents", "cli"),
-    "evaluate": ("studylib.evaluate", "cli"),
-    "opus": ("studylib.evaluate", "opus_cli"),
-    "audit": ("studylib.audit", "cli"),
-    "study": ("studylib.study", "cli"),
-    "findings": ("studylib.findings", "cli"),
+    "corpus": ("studylib.study.corpus", "cli"),
+    "train": ("studylib.training.train", "cli"),
+    "latents": ("studylib.training.latents", "cli"),
+    "evaluate": ("studylib.training.evaluate", "cli"),
+    "opus": ("studylib.training.evaluate", "opus_cli"),
+    "audit": ("studylib.analysis.audit", "cli"),
+    "study": ("studylib.study.runner", "cli"),
+    "findings": ("studylib.analysis.findings", "cli"),
 }
 
 
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"studylib: unknown command {name!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
         return 2
     module, func = COMMANDS[name]
-    from studylib import processes
-    from studylib.config import UserError
+    from studylib.core import processes
+    from studylib.core.config import UserError
 
     processes.raise_on_sigterm()
     try:

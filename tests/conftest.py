@@ -17,8 +17,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from studylib import locks
-from studylib.corpus import build_corpus
+from studylib.core import locks
+from studylib.study.corpus import build_corpus
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "scales" / "smoke.yaml"
@@ -75,8 +75,8 @@ def synthetic_manifest(tmp_path_factory) -> Path:
 
 def smoke_config(manifest: Path, run_dir: Path, **overrides):
     """TrainConfig from params/scales/smoke.yaml with a manifest, run folder and overrides."""
-    from studylib import config as cfglib
-    from studylib.train import TrainConfig
+    from studylib.core import config as cfglib
+    from studylib.training.run_config import TrainConfig
 
     sets = {"manifest": str(manifest), "run_dir": str(run_dir), "progress": False} | overrides
     return cfglib.build(TrainConfig, [cfglib.read_overlay(SMOKE), sets])
@@ -88,7 +88,7 @@ SMOKE_RUN = {"expiry_mode": "fixed", "expiry_threshold": 1.0}
 @pytest.fixture(scope="session")
 def smoke_run(synthetic_manifest, tmp_path_factory) -> Path:
     """A finished smoke-scale codec run (fixed expiry) on the synthetic corpus."""
-    from studylib.train import train
+    from studylib.training.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "smoke"
     assert train(smoke_config(synthetic_manifest, run_dir, **SMOKE_RUN)).status == "complete"
@@ -109,7 +109,7 @@ def train_killed_then_resumed(cfg, kill_at_step: int, monkeypatch) -> Path:
     """Train `cfg` until step `kill_at_step` (0-based) raises KeyboardInterrupt, check the run is recorded as
     interrupted (resumable, not failed), then train it again from its last checkpoint; returns the run folder of the
     completed run."""
-    from studylib import train as trainlib
+    from studylib.training import train as trainlib
 
     real_batch = trainlib._train_batch
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from studylib.quantization import EuclideanCodebook, ExpiryConfig
+from studylib.quantizers.ema import EuclideanCodebook, ExpiryConfig
 
 STEPS = 25
 
@@ -53,7 +53,7 @@ def upstream_arm(rank: int) -> dict:
 
 def balancer_arm(rank: int) -> dict:
     """Each rank has its own data, so its own gradient norms; the balancer must scale by their mean."""
-    from studylib.losses import Balancer
+    from studylib.model.losses import Balancer
 
     balancer = Balancer({"l1": 0.1, "l2": 2.0})
     local_norms = []

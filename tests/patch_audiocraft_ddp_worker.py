@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from studylib import ExpiryConfig, patch_codebooks
-from studylib.patch import load_audiocraft_quantization
+from studylib.quantizers.patch import load_audiocraft_quantization
 
 HOP, FRAMES = 320, 19  # 19 frames at 75 Hz per item, 2 items per rank and step
 ARMS = {  # expiry (None: AudioCraft's own codebook, unpatched), training steps

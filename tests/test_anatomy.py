@@ -1,4 +1,4 @@
-"""The bug at unit level (studylib.anatomy), at small sizes: each experiment shows what it claims."""
+"""The bug at unit level (studylib.analysis.anatomy), at small sizes: each experiment shows what it claims."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from studylib import anatomy
+from studylib.analysis import anatomy
 
 pytest.importorskip("encodec")
 

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from studylib.audit import audit, audit_state_dict, audit_usage, cli
-from studylib.codec import Codec
-from studylib.storage import load_checkpoint
+from studylib.analysis.audit import audit, audit_state_dict, audit_usage, cli
+from studylib.model.codec import Codec
+from studylib.training.run_folder import load_checkpoint
 
 torch.set_flush_denormal(True)
 
@@ -66,7 +66,7 @@ def test_any_state_dict_layout(encodec_model):
 
 
 def test_peer_state_dict():
-    peer = pytest.importorskip("studylib.peer")
+    peer = pytest.importorskip("studylib.quantizers.peer")
     q = peer.PeerResidualVQ(dimension=8, n_q=2, bins=32, kmeans_iters=2).train()
     q(torch.randn(2, 8, 40), 75.0)
     levels = audit_state_dict(q.state_dict())

@@ -24,8 +24,8 @@ import torch
 import yaml
 from conftest import ARMS, ROOT, SMOKE, TINY, one_line, read_only, studylib, train_cli, tree
 
-from studylib import locks
-from studylib.corpus import SPLITS, load_manifest
+from studylib.core import locks
+from studylib.training.manifest import SPLITS, load_manifest
 
 
 def _copy_run(run: Path, to: Path, *names: str) -> Path:
@@ -199,7 +199,7 @@ def test_a_nan_validation_loss_fails_the_run_like_a_training_loss(synthetic_mani
     """Clean data, a model that is NaN on held-out audio: the run fails, it is not `complete`."""
     from conftest import smoke_config
 
-    from studylib import train as trainlib
+    from studylib.training import train as trainlib
 
     real = trainlib.validate
     monkeypatch.setattr(trainlib, "validate", lambda *a, **k: real(*a, **k) | {"loss": float("nan")})
@@ -417,7 +417,7 @@ def test_lock_holds_pid_and_host_and_refuses_a_second_holder(tmp_path):
 
 
 def test_a_bad_file_that_held_a_split_alone_does_not_leave_that_split_empty(tmp_path):
-    from studylib.corpus import _hash_splits
+    from studylib.study.corpus import _hash_splits
 
     good = ["take0", "take1", "take2"]
     # a bad file's name that the hash split gives a split of its own among these four groups

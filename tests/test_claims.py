@@ -1,4 +1,4 @@
-"""The claims of the reports (studylib.claims) on small hand-made tables."""
+"""The claims of the reports (studylib.analysis.claims) on small hand-made tables."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from studylib import claims, reports
+from studylib.analysis import claims, stats
 
 
 def _grid_rows(arm: str, seed: int, fps: int = 600, usage: float = 0.5, threshold: float = 2.0, every: int = 1,
@@ -67,7 +67,7 @@ def test_quantizer_summary_keeps_the_settings_and_the_table_is_built_from_them()
             "n_seeds"} <= set(summary)
     assert set(summary.metric) == set(claims.QUANTIZER_METRICS) and (summary.n_seeds == 2).all()
     snr = summary[(summary.metric == "snr_last") & (summary.variant == "upstream")].iloc[0]
-    assert snr["mean"] == pytest.approx(2.5) and snr.ci95 == pytest.approx(reports.t_ci95([2.0, 3.0])[1])
+    assert snr["mean"] == pytest.approx(2.5) and snr.ci95 == pytest.approx(stats.t_ci95([2.0, 3.0])[1])
     assert claims.threshold_interval_grids(summary) == [600]
     table = claims.threshold_interval(summary, "usage_mean", 600)
     assert list(table.index) == [0.1, 0.3] and list(table.columns) == [1, 5]
@@ -87,7 +87,7 @@ def test_codec_summary_is_over_seeds_with_several_and_over_windows_with_one():
     table = claims.codec_summary(items, levels, opus).set_index("arm")
     assert table.loc["a", "ci_over"] == "2 seeds" and table.loc["b", "ci_over"] == "2 items"
     assert table.loc["a", "si_sdr"] == pytest.approx(4.0)
-    assert table.loc["a", "si_sdr_ci95"] == pytest.approx(reports.t_ci95([2.0, 6.0])[1])
+    assert table.loc["a", "si_sdr_ci95"] == pytest.approx(stats.t_ci95([2.0, 6.0])[1])
     assert table.loc["b", "usage"] == 0.25 and math.isnan(table.loc["a"].get("visqol_audio", math.nan))
     assert table.loc["opus", "kbps"] == 6.3 and table.loc["opus", "si_sdr"] == pytest.approx(1.5)
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from studylib.codec import Codec, CodecConfig, SEANetDecoder, SEANetEncoder, encodec_state_dict_to_codec
+from studylib.model.codec import Codec, CodecConfig, SEANetDecoder, SEANetEncoder, encodec_state_dict_to_codec
 
 torch.set_flush_denormal(True)  # denormals make CPU steps vary 0.6-14 s
 

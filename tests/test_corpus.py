@@ -1,4 +1,4 @@
-"""studylib.corpus (the corpus builder) and studylib.data (the training dataset).
+"""studylib.study.corpus (the corpus builder) and studylib.training.data (the training dataset).
 
 Fast tests build from tiny synthetic trees in `--audio-dir` mode; one slow test builds the real `ci`
 profile from Debian packages."""
@@ -14,9 +14,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from studylib import corpus
-from studylib.corpus import COLUMNS, SPLITS, EmptySplitError, active_rms, build_corpus, load_manifest
-from studylib.data import AudioDataset
+from studylib.study import corpus
+from studylib.study.corpus import EmptySplitError, active_rms, build_corpus
+from studylib.training.data import AudioDataset
+from studylib.training.manifest import COLUMNS, SPLITS, load_manifest
 
 
 def _tone(seconds: float, freq: float, amp: float, rate: int, channels: int = 1) -> np.ndarray:

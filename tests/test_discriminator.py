@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from studylib.discriminator import (
+from studylib.model.discriminator import (
     AdversarialLosses,
     MultiScaleSTFTDiscriminator,
     adversarial_g_loss,

@@ -7,9 +7,9 @@ import shutil
 import pandas as pd
 import pytest
 
-from studylib import metrics
 from studylib.__main__ import main
-from studylib.evaluate import eval_windows, evaluate, evaluate_opus
+from studylib.model import metrics
+from studylib.training.evaluate import eval_windows, evaluate, evaluate_opus
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from conftest import SMOKE, smoke_config, train_killed_then_resumed
 
-from studylib import train as trainlib
-from studylib.audit import audit, audit_usage
-from studylib.codec import Codec, CodecConfig
-from studylib.evaluate import evaluate
-from studylib.factorized import FactorizedResidualVQ
-from studylib.quantization import ExpiryConfig, ResidualVectorQuantizer
+from studylib.analysis.audit import audit, audit_usage
+from studylib.model.codec import Codec, CodecConfig
+from studylib.quantizers.ema import ExpiryConfig, ResidualVectorQuantizer
+from studylib.quantizers.factorized import FactorizedResidualVQ
+from studylib.training import train as trainlib
+from studylib.training.evaluate import evaluate
 
 torch.set_flush_denormal(True)
 
@@ -298,7 +298,7 @@ def test_ddp_buffer_averaging_takes_the_reporting_ema_of_gradient_codebooks(monk
 
 
 # ---------------------------------------------------------------------------- through the training loop
-# Both arms whose codebooks are learned by gradient: dac and the collapse-free peer (simvq, studylib.peer).
+# Both arms whose codebooks are learned by gradient: dac and the collapse-free peer (simvq, studylib.quantizers.peer).
 
 LOOP = {"expiry_mode": "none", "steps": 8, "log_every": 2, "valid_every": 4, "checkpoint_every": 4}
 

@@ -25,11 +25,15 @@ import torch
 import yaml
 from conftest import ARMS, ROOT, SMOKE, TINY, one_line, read_only, studylib, train_cli, tree
 
-from studylib import findings, locks, processes, study
-from studylib.corpus import load_manifest
-from studylib.data import AudioDataset, BadAudio
-from studylib.latents import GridCell, LatentRunConfig, Latents, run_grid
-from studylib.storage import RefusedFile, WriteError, atomic_write, read_json, save_torch
+from studylib.analysis import findings, records
+from studylib.core import locks, processes
+from studylib.core.storage import RefusedFile, WriteError, atomic_write, read_json, save_torch
+from studylib.study import cells
+from studylib.study import plan as plans
+from studylib.training.data import AudioDataset, BadAudio
+from studylib.training.latents import GridCell, LatentRunConfig, Latents, run_grid
+from studylib.training.manifest import load_manifest
+from studylib.training.train import train_run
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -98,7 +102,7 @@ def test_the_payload_runs_when_unpickled_unsafely(tmp_path):
 def test_a_crafted_checkpoint_never_runs_in_any_command(command, synthetic_manifest, tmp_path):
     marker = tmp_path / "ran"
     if command == "study":
-        plan = study.plan_study("smoke", results=tmp_path / "results", manifest=synthetic_manifest, only=["fixed_rel"])
+        plan = plans.plan_study("smoke", results=tmp_path / "results", manifest=synthetic_manifest, only=["fixed_rel"])
         run_dir = plan.folder(next(c for c in plan.cells if c.arm == "fixed_rel"))
     else:
         run_dir = tmp_path / "run"
@@ -120,7 +124,8 @@ def test_a_crafted_checkpoint_never_runs_in_any_command(command, synthetic_manif
 
 def test_crafted_files_never_run_on_the_notebooks_paths(synthetic_manifest, tmp_path):
     """What 02 (latents), 03 and 06 (train_run, evaluate), 05 (audit) load, called as the notebooks call them."""
-    from studylib import audit, evaluate
+    from studylib.analysis import audit
+    from studylib.training import evaluate
 
     marker = tmp_path / "ran"
     run_dir = tmp_path / "run"
@@ -129,7 +134,7 @@ def test_crafted_files_never_run_on_the_notebooks_paths(synthetic_manifest, tmp_
     with pytest.raises(RefusedFile, match=r"latents\.pt: refused: loading it would run code"):
         Latents.load(run_dir / "latents.pt")
     with pytest.raises(ValueError, match=r"checkpoint\.pt: refused: loading it would run code"):
-        study.train_run([str(SMOKE)], {"manifest": str(synthetic_manifest), "progress": False, "steps": 2}, run_dir)
+        train_run([str(SMOKE)], {"manifest": str(synthetic_manifest), "progress": False, "steps": 2}, run_dir)
     for load in (evaluate.evaluate, audit.load_codebook_checkpoint, audit.audit):
         with pytest.raises(RefusedFile, match=r"checkpoint\.pt: refused"):
             load(run_dir)
@@ -373,22 +378,22 @@ def test_findings_and_04_skip_a_damaged_run_naming_it(damaged, tmp_path):
     assert warning.startswith(f"warning: skipped the run {bad}: {bad / damaged}: not "), warning
     assert sorted(set(pd.read_csv(results / "summary.csv").run)) == sorted(g.name for g in good)
     if damaged != "summary.json":  # 04 lists runs through list_runs, and reads their tables with run_tables
-        runs = study.list_runs(results / "smoke", evaluated=True)
-        assert [r.folder for r in runs] == good and len(study.run_tables(runs, "metrics.parquet")) == 2
+        runs = records.list_runs(results / "smoke", evaluated=True)
+        assert [r.folder for r in runs] == good and len(records.run_tables(runs, "metrics.parquet")) == 2
 
 
 @pytest.fixture(scope="module")
 def complete_cell(synthetic_manifest, tmp_path_factory):
     """A codec cell of the smoke plan that the runner takes as complete: trained with its own config, its
     tables, report and cell.json in place (the plan and the folder)."""
-    from studylib.train import train
+    from studylib.training.train import train
 
     results = tmp_path_factory.mktemp("complete") / "results"
-    plan = study.plan_study("smoke", results=results, manifest=synthetic_manifest, only=["fixed_rel"])
+    plan = plans.plan_study("smoke", results=results, manifest=synthetic_manifest, only=["fixed_rel"])
     cell = next(c for c in plan.cells if c.arm == "fixed_rel")
     folder = plan.folder(cell)
     overlays = [*map(Path, cell.parameters["params"])]
-    cfg = study._codec_config(*overlays, {**cell.parameters["overrides"], "run_dir": str(folder), "steps": 2,
+    cfg = plans._codec_config(*overlays, {**cell.parameters["overrides"], "run_dir": str(folder), "steps": 2,
                                           "log_every": 1, "valid_every": 2, "checkpoint_every": 2, "valid_items": 2})
     cell.parameters["overrides"] = {**cell.parameters["overrides"], "steps": 2, "log_every": 1, "valid_every": 2,
                                     "checkpoint_every": 2, "valid_items": 2}
@@ -396,7 +401,7 @@ def complete_cell(synthetic_manifest, tmp_path_factory):
     for name in ("eval_test.parquet", "eval_test_levels.parquet"):
         pd.DataFrame({"bandwidth": [1.5], "x": [1.0]}).to_parquet(folder / name)
     (folder / "report.html").write_text("<html></html>")
-    save = study._record(cell, status="complete", notebook_digest=study.notebook_digest(plan.notebook_path(cell)))
+    save = cells.record(cell, plan, status="complete", notebook_digest=cells.notebook_digest(plan.notebook_path(cell)))
     (folder / "cell.json").write_text(json.dumps(save))
     return plan, cell
 
@@ -407,14 +412,14 @@ def test_the_runner_takes_a_run_as_complete_only_when_its_files_check_out(damage
     plan, cell = complete_cell
     folder = tmp_path / "results" / cell.name
     shutil.copytree(plan.folder(cell), folder)
-    plan = study.StudyPlan(plan.scale, tmp_path / "results", plan.manifest, None, 60, [cell], {cell.name})
+    plan = plans.StudyPlan(plan.scale, tmp_path / "results", plan.manifest, None, 60, [cell], {cell.name})
     if damage == "another config":  # the same weights, stored with another seed
         ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
         torch.save(ckpt | {"config": ckpt["config"] | {"seed": 1}}, folder / "checkpoint.pt")
     elif damage:
         _truncate(folder / damage)
-    problems = study._check_codec_runs(plan)
-    complete = study._is_complete(plan, cell, problems[cell.name])
+    problems = cells.codec_run_problems(plan)
+    complete = cells.why_stale(plan, cell, problems[cell.name]) is None
     warnings = capsys.readouterr().err.splitlines()
     if damage is None:
         assert problems == {cell.name: {}} and complete and warnings == []
@@ -438,10 +443,10 @@ def test_a_crafted_latents_file_stops_the_study_before_anything_runs(complete_ce
     plan, cell = complete_cell
     folder = tmp_path / "results" / cell.name
     shutil.copytree(plan.folder(cell), folder)
-    plan = study.StudyPlan(plan.scale, tmp_path / "results", plan.manifest, None, 60, [cell], {cell.name})
+    plan = plans.StudyPlan(plan.scale, tmp_path / "results", plan.manifest, None, 60, [cell], {cell.name})
     plant(folder / "latents.pt", tmp_path / "ran")
     with pytest.raises(RefusedFile, match=r"latents\.pt: refused: loading it would run code"):
-        study._check_codec_runs(plan)
+        cells.codec_run_problems(plan)
     assert not (tmp_path / "ran").exists()
 
 
@@ -586,7 +591,7 @@ def test_a_stop_signal_ends_a_corpus_build_in_one_line_and_leaves_no_half_group(
 
 WORKER_SCRIPT = """
 import multiprocessing, os, signal, sys, time
-from studylib import processes
+from studylib.core import processes
 
 processes.raise_on_sigterm()  # as every studylib command does
 pool = processes.worker_pool(1)
@@ -641,8 +646,8 @@ def test_the_study_plan_still_skips_complete_runs_without_checkpoints(complete_c
     folder = tmp_path / "results" / cell.name
     shutil.copytree(plan.folder(cell), folder)
     (folder / "checkpoint.pt").unlink()
-    plan = study.StudyPlan(plan.scale, tmp_path / "results", plan.manifest, None, 60, [cell], {cell.name})
-    assert study._is_complete(plan, cell, study._check_codec_runs(plan)[cell.name])
+    plan = plans.StudyPlan(plan.scale, tmp_path / "results", plan.manifest, None, 60, [cell], {cell.name})
+    assert cells.why_stale(plan, cell, cells.codec_run_problems(plan)[cell.name]) is None
 
 
 def test_findings_ignore_nothing_when_every_run_reads(tmp_path):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from studylib import findings
+from studylib.analysis import findings
 
 RESULTS = ROOT / "results"
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import smoke_config
 
-from studylib import evaluate, findings, horizon, study
-from studylib import train as trainlib
-from studylib.storage import read_checkpoint
+from studylib.analysis import findings, horizon, records
+from studylib.training import evaluate
+from studylib.training import train as trainlib
+from studylib.training.run_folder import read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_milestones_keep_their_checkpoints_and_are_scored_once(milestone_run, sy
 
 
 def test_summary_rows_carry_steps_and_final(milestone_run):
-    rows = pd.DataFrame(findings.run_rows(study.read_run(milestone_run), "smoke"))
+    rows = pd.DataFrame(findings.run_rows(records.read_run(milestone_run), "smoke"))
     assert sorted(set(zip(rows.steps, rows.final))) == [(5, False), (10, False), (20, True)]
     final = rows[rows.final]
     assert set(final.bandwidth_kbps) == {1.5, 3.0} and final.visqol.isna().all()
@@ -143,7 +144,7 @@ def test_band_scores_are_kept_beside_the_run_and_read_back_without_its_checkpoin
     """07 re-renders on a fresh checkout (no checkpoints): the sub-band table of each run is kept in its folder."""
     import shutil
 
-    from studylib.corpus import load_manifest
+    from studylib.training.manifest import load_manifest
 
     sources = sorted(load_manifest(synthetic_manifest).query("split == 'test'").source.unique())
     run = milestone_run.parent / "bands_run"

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-from studylib import config as cfglib
 from studylib.__main__ import main
-from studylib.latents import LatentRunConfig, Latents, dump_latents, train_on_latents
-from studylib.storage import load_checkpoint
+from studylib.core import config as cfglib
+from studylib.training.latents import LatentRunConfig, Latents, dump_latents, train_on_latents
+from studylib.training.run_folder import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def latents(smoke_run) -> Latents:
 
 
 def test_latents_are_the_encoder_output_of_every_segment(smoke_run, latents, synthetic_manifest):
-    from studylib.corpus import load_manifest
+    from studylib.training.manifest import load_manifest
 
     codec, cfg, _ = load_checkpoint(smoke_run)
     rows = load_manifest(synthetic_manifest)
@@ -70,7 +70,7 @@ BASE = {"n_q": 2, "bins": 64, "steps": 12, "kmeans_iters": 3, "log_every": 4, "e
 
 
 def test_grid_crosses_lists_and_seeds_and_names_cells_by_arm_hash_seed():
-    from studylib.latents import expand_grid
+    from studylib.training.latents import expand_grid
 
     cells = expand_grid(GRID, ROOT / "params" / "arms", BASE)
     assert len(cells) == 2 * 2 + 4 * 2 + 1
@@ -84,7 +84,7 @@ def test_grid_crosses_lists_and_seeds_and_names_cells_by_arm_hash_seed():
 
 
 def test_training_order_is_cheapest_first_with_a_seeds_arms_together():
-    from studylib.latents import cell_cost, expand_grid, training_order
+    from studylib.training.latents import cell_cost, expand_grid, training_order
 
     grid = [{"arm": ["none", "fixed_rel"], "bins": [256, 64], "frames_per_step": [150, 75]}]
     cells = expand_grid(grid, ROOT / "params" / "arms", BASE)  # arm-major: none s0, none s1, ... fixed_rel ...
@@ -106,14 +106,14 @@ def test_training_order_is_cheapest_first_with_a_seeds_arms_together():
     ([{"arm": "none", "stepz": 3}], "stepz: unknown key; allowed keys:"),
 ])
 def test_grid_errors_name_the_block_or_the_key(grid, message):
-    from studylib.latents import expand_grid
+    from studylib.training.latents import expand_grid
 
     with pytest.raises(cfglib.ConfigError, match=message):
         expand_grid(grid, ROOT / "params" / "arms", BASE)
 
 
 def test_run_grid_writes_one_file_per_cell_and_resumes(latents, tmp_path):
-    from studylib.latents import expand_grid, run_grid
+    from studylib.training.latents import expand_grid, run_grid
 
     cells = expand_grid(GRID[:1], ROOT / "params" / "arms", BASE)
     table = run_grid(cells, latents, tmp_path, progress=False)
@@ -132,7 +132,7 @@ def test_run_grid_writes_one_file_per_cell_and_resumes(latents, tmp_path):
 
 
 def test_latent_snr_is_measured_against_the_variance_not_a_constant_offset(latents):
-    from studylib.latents import latent_eval
+    from studylib.training.latents import latent_eval
 
     cfg = cfglib.build(LatentRunConfig, [{"n_q": 2, "bins": 64, "frames_per_step": 150, "steps": 5,
                                           "kmeans_iters": 3, "expiry_mode": "none"}])
@@ -150,7 +150,7 @@ def test_latent_snr_is_measured_against_the_variance_not_a_constant_offset(laten
 
 
 def test_an_interrupted_quantizer_run_resumes_from_its_state_to_the_same_numbers(latents, tmp_path, monkeypatch):
-    from studylib.quantization import ResidualVectorQuantizer
+    from studylib.quantizers.ema import ResidualVectorQuantizer
 
     cfg = cfglib.build(LatentRunConfig, [{"n_q": 2, "bins": 64, "frames_per_step": 150, "steps": 40,
                                           "kmeans_iters": 5, "log_every": 5, "eval_every": 10,
@@ -182,7 +182,7 @@ def test_an_interrupted_quantizer_run_resumes_from_its_state_to_the_same_numbers
 
 
 def test_a_grid_run_in_two_worker_processes_writes_what_one_process_writes(latents, tmp_path):
-    from studylib.latents import expand_grid, run_grid
+    from studylib.training.latents import expand_grid, run_grid
 
     cells = expand_grid(GRID[:1], ROOT / "params" / "arms", BASE)
     threads = torch.get_num_threads()
@@ -199,7 +199,7 @@ def test_a_finished_grid_needs_no_latents_and_a_missing_source_checkpoint_says_h
     must not need the latents, and a grid with cells left must say why it cannot go on and how to get them back."""
     import shutil
 
-    from studylib.latents import expand_grid, run_grid, run_latents, unfinished
+    from studylib.training.latents import expand_grid, run_grid, run_latents, unfinished
 
     cells = expand_grid(GRID[:1], ROOT / "params" / "arms", BASE)
     assert unfinished(cells, tmp_path) == cells

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from studylib import metrics
-from studylib.losses import Balancer, neg_si_sdr
+from studylib.model import metrics
+from studylib.model.losses import Balancer, neg_si_sdr
 
 
 def toy(seed: int = 0):

@@ -1,4 +1,5 @@
-"""studylib.metrics and studylib.baselines against references, hand-computed values and their invariances."""
+"""studylib.model.metrics and studylib.training.baselines against references, hand-computed values and their
+invariances."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
 
-from studylib import baselines, metrics
+from studylib.model import metrics
+from studylib.training import baselines
 
 SR = 24_000
 HAS_VISQOL = importlib.util.find_spec("visqol") is not None

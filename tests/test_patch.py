@@ -17,8 +17,8 @@ from conftest import torchrun_two_ranks
 from torch import nn
 
 from studylib import ExpiryConfig, patch_codebooks, unpatch_codebooks
-from studylib.patch import codebook_problem, convert_codebook
-from studylib.quantization import EuclideanCodebook
+from studylib.quantizers.ema import EuclideanCodebook
+from studylib.quantizers.patch import codebook_problem, convert_codebook
 
 encodec = pytest.importorskip("encodec")
 core_vq = pytest.importorskip("encodec.quantization.core_vq")
@@ -247,7 +247,7 @@ def test_convert_codebook_alone_keeps_the_values():
 def test_patched_encodec_under_two_process_ddp_keeps_codebooks_identical(tmp_path):
     fixed, upstream = torchrun_two_ranks(WORKER, tmp_path, ("fixed", "upstream")).values()
 
-    assert fixed[0]["patched"] == 32 and fixed[0]["class"] == "studylib.quantization"
+    assert fixed[0]["patched"] == 32 and fixed[0]["class"] == "studylib.quantizers.ema"
     assert fixed[0]["checks"] == fixed[1]["checks"] == [2, 2]  # 10 steps, every 5
     assert fixed[0]["replaced_total"] == fixed[1]["replaced_total"] and fixed[0]["replaced_total"][0] > 0
     for name, value in fixed[0]["state"].items():

@@ -1,5 +1,5 @@
 """`patch_codebooks` on AudioCraft's own quantizer (audiocraft 1.3.0 from PyPI, installed without its
-dependencies by `make setup` and loaded by `studylib.patch.load_audiocraft_quantization`, which skips
+dependencies by `make setup` and loaded by `studylib.quantizers.patch.load_audiocraft_quantization`, which skips
 AudioCraft's package __init__ and MusicGen's dependencies).
 
 The model is AudioCraft's 24 kHz EnCodec quantizer as its config builds it (config/model/encodec/
@@ -20,8 +20,8 @@ from conftest import torchrun_two_ranks
 from torch import nn
 
 from studylib import ExpiryConfig, patch_codebooks, unpatch_codebooks
-from studylib.patch import load_audiocraft_quantization
-from studylib.quantization import EuclideanCodebook
+from studylib.quantizers.ema import EuclideanCodebook
+from studylib.quantizers.patch import load_audiocraft_quantization
 
 try:
     qz = load_audiocraft_quantization()
@@ -219,7 +219,7 @@ def test_state_dicts_load_strictly_both_ways():
 def test_patched_audiocraft_keeps_codebooks_identical_under_flashys_buffer_averaging(tmp_path):
     fixed, control = torchrun_two_ranks(WORKER, tmp_path, ("fixed", "audiocraft")).values()
 
-    assert fixed[0]["patched"] == 32 and fixed[0]["class"] == "studylib.quantization"
+    assert fixed[0]["patched"] == 32 and fixed[0]["class"] == "studylib.quantizers.ema"
     assert fixed[0]["levels"] == fixed[1]["levels"] and len(set(fixed[0]["levels"])) > 3  # the same dropout
     assert fixed[0]["checks"][0] == fixed[1]["checks"][0] == 2  # 10 steps, every 5
     assert fixed[0]["replaced_total"] == fixed[1]["replaced_total"] and fixed[0]["replaced_total"][0] > 0

@@ -13,9 +13,9 @@ pytest.importorskip("vector_quantize_pytorch")
 
 from vector_quantize_pytorch import ResidualSimVQ  # noqa: E402
 
-from studylib.codec import Codec, CodecConfig  # noqa: E402
-from studylib.peer import PeerResidualVQ, SimResidualVQ  # noqa: E402
-from studylib.quantization import ResidualVectorQuantizer  # noqa: E402
+from studylib.model.codec import Codec, CodecConfig  # noqa: E402
+from studylib.quantizers.ema import ResidualVectorQuantizer  # noqa: E402
+from studylib.quantizers.peer import PeerResidualVQ, SimResidualVQ  # noqa: E402
 
 torch.set_flush_denormal(True)
 
@@ -128,7 +128,7 @@ def test_quantizer_config_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="absolute"):
         CodecConfig(quantizer="vqtorch", expiry=relative)
     monkeypatch.setitem(sys.modules, "vector_quantize_pytorch", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "studylib.peer")
+    monkeypatch.delitem(sys.modules, "studylib.quantizers.peer")
     with pytest.raises(ImportError, match="pip install vector-quantize-pytorch"):
         Codec(dataclasses.replace(CodecConfig.tiny(), quantizer="vqtorch"))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from studylib.exact import encodec_cluster_sums, nearest_upstream_exact
-from studylib.quantization import EuclideanCodebook, ExpiryConfig, ResidualVectorQuantizer, kmeans
+from studylib.quantizers.ema import EuclideanCodebook, ExpiryConfig, ResidualVectorQuantizer, kmeans
+from studylib.quantizers.exact import encodec_cluster_sums, nearest_upstream_exact
 
 encodec_core = pytest.importorskip("encodec.quantization.core_vq")
 encodec_vq = pytest.importorskip("encodec.quantization.vq")
@@ -391,7 +391,7 @@ def test_kmeans_exact_on_latents_with_a_large_common_offset():
 
 
 def test_kmeans_on_non_finite_data_says_so():
-    from studylib.quantization import NonFiniteError
+    from studylib.quantizers.ema import NonFiniteError
 
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         kmeans(torch.full((10, 4), float("nan")), 4, 2)
@@ -408,7 +408,7 @@ def test_cluster_sums_are_encodecs_onehot_matmul_bit_for_bit(n, d, k):
 
 
 def test_cluster_sums_fall_back_to_the_matmul_when_no_block_order_matches(monkeypatch):
-    from studylib import exact as q
+    from studylib.quantizers import exact as q
 
     # no order to try: which orders a BLAS library uses depends on the machine (MKL on an AMX Xeon halves 600 rows,
     # which the earlier form of this test, trying the sequential order only, took for "no order matches")
@@ -434,7 +434,7 @@ def test_kmeans_exact_with_outliers_and_duplicate_frames():
 
 
 def test_init_codebooks_runs_kmeans_level_by_level_on_all_frames():
-    from studylib.quantization import ResidualVectorQuantizer
+    from studylib.quantizers.ema import ResidualVectorQuantizer
 
     rvq = ResidualVectorQuantizer(dimension=8, n_q=3, bins=64, kmeans_iters=5,
                                   generator=torch.Generator().manual_seed(0))
@@ -453,9 +453,10 @@ def test_init_codebooks_runs_kmeans_level_by_level_on_all_frames():
 @pytest.mark.parametrize("mode", ["none", "fixed"])
 @pytest.mark.parametrize("n, k", [(4800, 1024), (1100, 4096), (300, 16384)])
 def test_lookup_in_row_blocks_gives_the_one_call_codes(mode, n, k):
-    """The lookup computes large distance matrices in row blocks (studylib.exact.nearest_codes); the codes must
+    """The lookup computes large distance matrices in row blocks (studylib.quantizers.exact.nearest_codes); the codes
+    must
     be those of the whole [n, K] expression, EnCodec's for `none` (the parity with encodec rests on it)."""
-    from studylib import exact
+    from studylib.quantizers import exact
 
     assert n * k >= exact._BLOCKED_FROM  # the shapes do take the blocked path
     g = torch.Generator().manual_seed(k)
@@ -477,7 +478,7 @@ def test_lookup_in_row_blocks_gives_the_one_call_codes(mode, n, k):
 
 
 def test_lookup_keeps_the_whole_matrix_where_blocks_would_round_differently(monkeypatch):
-    from studylib import exact
+    from studylib.quantizers import exact
 
     monkeypatch.setattr(exact, "_ROWS_EXACT", {})
     calls = []

@@ -1,4 +1,4 @@
-"""The recipe study's functions (studylib.recipe): signal trace, curves, plateau, targets, run tables."""
+"""The recipe study's functions (studylib.analysis.recipe): signal trace, curves, plateau, targets, run tables."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from studylib import recipe
-from studylib.codec import Codec, CodecConfig
+from studylib.analysis import recipe
+from studylib.model.codec import Codec, CodecConfig
 
 
 def test_signal_trace_shows_pytorch_init_losing_the_input():

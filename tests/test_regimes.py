@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from studylib import regimes
+from studylib.analysis import regimes
 
 RESULTS = ROOT / "results"
 

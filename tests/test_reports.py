@@ -1,11 +1,11 @@
-"""studylib.reports: figures drawn from the tidy tables the runs write."""
+"""studylib.analysis.reports: figures drawn from the tidy tables the runs write."""
 
 from __future__ import annotations
 
 import matplotlib
 import pandas as pd
 
-from studylib import reports
+from studylib.analysis import reports
 
 matplotlib.use("Agg")
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import smoke_config, train_killed_then_resumed
 
-from studylib import train as trainlib
-from studylib.codec import Codec
-from studylib.config import UserError
-from studylib.losses import MultiScaleMelLoss, _MelLoss
-from studylib.storage import read_checkpoint
+from studylib.core.config import UserError
+from studylib.model.codec import Codec
+from studylib.model.losses import MultiScaleMelLoss, _MelLoss
+from studylib.training import train as trainlib
+from studylib.training.run_folder import read_checkpoint
 
 # ------------------------------------------------------------------------------------------ mel loss
 
@@ -147,7 +147,7 @@ def test_compiled_run_resumes_bit_exactly_and_either_way(compiled_runs, syntheti
 
 
 def test_compile_and_milestones_leave_the_config_hash_alone(synthetic_manifest, tmp_path):
-    from studylib import config as cfglib
+    from studylib.core import config as cfglib
 
     plain = smoke_config(synthetic_manifest, tmp_path / "a")
     fast = smoke_config(synthetic_manifest, tmp_path / "b", compile=True, milestones=[10])

@@ -15,7 +15,11 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from studylib import study
+from studylib.analysis import records
+from studylib.study import plan as plans
+from studylib.study import runner
+from studylib.training.run_folder import RunFolder
+from studylib.training.train import train_run
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 
@@ -23,7 +27,7 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 # ------------------------------------------------------------------------------- committed notebooks
 
 
-@pytest.mark.parametrize("name", study.NOTEBOOKS)
+@pytest.mark.parametrize("name", plans.NOTEBOOKS)
 def test_committed_notebook_is_stripped_and_has_one_parameters_cell(name):
     nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
@@ -39,7 +43,7 @@ def test_committed_notebook_is_stripped_and_has_one_parameters_cell(name):
 
 
 def test_the_notebook_folder_holds_exactly_the_study_notebooks():
-    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(study.NOTEBOOKS)
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(plans.NOTEBOOKS)
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -47,10 +51,10 @@ def test_the_notebook_folder_holds_exactly_the_study_notebooks():
 
 @pytest.mark.parametrize("scale", ["smoke", "cpu", "gpu"])
 def test_every_scale_expands_into_valid_runs(scale):
-    plan = study.plan_study(scale, results="results")
+    plan = plans.plan_study(scale, results="results")
     names = [c.name for c in plan.cells]
     assert len(names) == len(set(names))
-    listed = study.load_study(ROOT / "params" / "study.yaml", scale).get("notebooks", study.NOTEBOOKS)
+    listed = plans.load_study(ROOT / "params" / "study.yaml", scale).get("notebooks", plans.NOTEBOOKS)
     assert {c.notebook for c in plan.cells} == set(listed) and plan.results.is_absolute()
     for cell in plan.cells:
         assert set(cell.needs) <= set(names), cell.name
@@ -73,7 +77,7 @@ def test_every_scale_expands_into_valid_runs(scale):
 
 
 def test_the_cpu_scale_runs_three_seeds_per_arm_but_one_of_the_vqtorch_peer():
-    codec = [c for c in study.plan_study("cpu").cells if c.notebook == "03_train_codec"]
+    codec = [c for c in plans.plan_study("cpu").cells if c.notebook == "03_train_codec"]
     seeds = {arm: sorted(c.seed for c in codec if c.arm == arm) for arm in {c.arm for c in codec}}
     assert seeds == {"none": [0, 1, 2], "upstream": [0, 1, 2], "fixed_abs2": [0, 1, 2], "fixed_rel": [0, 1, 2],
                      "dac": [0, 1, 2], "dac_commit16": [0, 1, 2], "vqtorch": [0],
@@ -82,12 +86,12 @@ def test_the_cpu_scale_runs_three_seeds_per_arm_but_one_of_the_vqtorch_peer():
 
 def test_the_existing_cpu_runs_keep_their_names():
     """New arms and quantizers must not change the config hash (the run folder) of the runs already on disk."""
-    planned = {c.name for c in study.plan_study("cpu").cells if c.notebook == "03_train_codec"}
+    planned = {c.name for c in plans.plan_study("cpu").cells if c.notebook == "03_train_codec"}
     assert {"runs/none-64401fb228-s0", "runs/fixed_rel-dd26a9991e-s2", "runs/vqtorch-1f3481f132-s0"} <= planned
 
 
 def test_only_selects_arms_and_notebooks_and_always_the_comparison():
-    plan = study.plan_study("smoke", only=["fixed_rel", "05_codebook_audit"])
+    plan = plans.plan_study("smoke", only=["fixed_rel", "05_codebook_audit"])
     chosen = {c.notebook if c.notebook != "03_train_codec" else c.arm for c in plan.cells if c.name in plan.selected}
     assert chosen == {"fixed_rel", "05_codebook_audit", "04_compare", "07_long_horizon", "08_regimes"}
 
@@ -133,7 +137,7 @@ def _params_copy(tmp_path: Path, edit) -> Path:
 def test_bad_params_are_one_line_errors_before_anything_runs(tmp_path, capsys, edit, args, message):
     params = _params_copy(tmp_path, edit) if edit else ROOT / "params"
     results = tmp_path / "results"
-    code = study.cli(["--scale", "smoke", "--results", str(results), "--params", str(params),
+    code = runner.cli(["--scale", "smoke", "--results", str(results), "--params", str(params),
                       "--data", str(tmp_path / "data"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -161,15 +165,15 @@ def test_a_failing_run_is_recorded_its_dependents_skipped_and_the_others_go_on(t
                                   "import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()")
     _notebook(books / "boom.ipynb", "raise ValueError('boom at ' + marker)")
     results = tmp_path / "results" / "t"
-    cells = [study.Cell("boom", "boom", {"marker": "1"}), study.Cell("ok", "ok", {"marker": "2"}),
-             study.Cell("after", "ok", {"marker": "3"}, needs=("boom",)),
-             study.Cell("agg", "ok", {"marker": "4"}, needs=("boom", "ok"), always=True)]
+    cells = [plans.Cell("boom", "boom", {"marker": "1"}), plans.Cell("ok", "ok", {"marker": "2"}),
+             plans.Cell("after", "ok", {"marker": "3"}, needs=("boom",)),
+             plans.Cell("agg", "ok", {"marker": "4"}, needs=("boom", "ok"), always=True)]
     for cell in cells:
         cell.parameters["out_dir"] = str(results / cell.name)
-    plan = study.StudyPlan("t", results, tmp_path / "manifest.csv", None, 120, cells, {c.name for c in cells},
+    plan = plans.StudyPlan("t", results, tmp_path / "manifest.csv", None, 120, cells, {c.name for c in cells},
                            notebooks=books)
     plan.manifest.write_text("")  # exists: no corpus to build
-    outcome = study.run_study(plan)
+    outcome = runner.run_study(plan)
     assert outcome.statuses == {"boom": "failed", "ok": "complete", "after": "skipped", "agg": "complete"}
     assert outcome.failed == ["boom"] and outcome.errors["boom"] == "ValueError: boom at 1"
     assert "needs boom, which is failed" in outcome.errors["after"]
@@ -181,7 +185,7 @@ def test_a_failing_run_is_recorded_its_dependents_skipped_and_the_others_go_on(t
     assert "boom at 1" in page and 'href="t/boom/report.html"' in page
     # run again: complete cells are skipped, the failed one runs again, the aggregation always runs
     started = {name: json.loads((results / name / "cell.json").read_text())["started"] for name in ("ok", "agg")}
-    again = study.run_study(plan)
+    again = runner.run_study(plan)
     assert again.statuses["boom"] == "failed" and again.statuses["ok"] == "complete"
     assert json.loads((results / "ok" / "cell.json").read_text())["started"] == started["ok"]
     assert json.loads((results / "agg" / "cell.json").read_text())["started"] != started["agg"]
@@ -194,14 +198,14 @@ def test_gpus_dispatch_one_run_per_gpu_and_ddp_runs_take_several(tmp_path):
                                    "Path(out_dir, 'gpus.txt').write_text(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))\n"
                                    "Path(out_dir, 'threads.txt').write_text(os.environ['OMP_NUM_THREADS'])")
     results = tmp_path / "results" / "g"
-    cells = [study.Cell("a", "env", {}, gpus=1), study.Cell("b", "env", {}, gpus=1),
-             study.Cell("ddp", "env", {}, needs=("a", "b"), gpus=2), study.Cell("cpu", "env", {}, needs=("ddp",))]
+    cells = [plans.Cell("a", "env", {}, gpus=1), plans.Cell("b", "env", {}, gpus=1),
+             plans.Cell("ddp", "env", {}, needs=("a", "b"), gpus=2), plans.Cell("cpu", "env", {}, needs=("ddp",))]
     for cell in cells:
         cell.parameters["out_dir"] = str(results / cell.name)
-    plan = study.StudyPlan("g", results, tmp_path / "manifest.csv", None, 120, cells, {c.name for c in cells},
+    plan = plans.StudyPlan("g", results, tmp_path / "manifest.csv", None, 120, cells, {c.name for c in cells},
                            notebooks=books)
     plan.manifest.write_text("")
-    assert set(study.run_study(plan, jobs=1, gpus=[3, 5]).statuses.values()) == {"complete"}
+    assert set(runner.run_study(plan, jobs=1, gpus=[3, 5]).statuses.values()) == {"complete"}
     seen = {c.name: (results / c.name / "gpus.txt").read_text() for c in cells}
     assert {seen["a"], seen["b"]} == {"3", "5"} and seen["ddp"] in ("3,5", "5,3") and seen["cpu"] == ""
     # two workers share the cores: each gets its part of them as torch threads
@@ -216,7 +220,7 @@ def test_gpus_dispatch_one_run_per_gpu_and_ddp_runs_take_several(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_study(ci_data, tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("results")
-    code = study.cli(["--scale", "smoke", "--results", str(results), "--data", str(ci_data)])
+    code = runner.cli(["--scale", "smoke", "--results", str(results), "--data", str(ci_data)])
     assert code == 0, (results / "smoke" / "study.json").read_text()
     return results
 
@@ -228,7 +232,7 @@ def _hrefs(page: Path) -> list[str]:
 def test_smoke_study_runs_every_notebook_and_renders_every_report(smoke_study):
     summary = json.loads((smoke_study / "smoke" / "study.json").read_text())
     assert {c["status"] for c in summary["cells"]} == {"complete"}
-    assert {c["notebook"] for c in summary["cells"]} == set(study.NOTEBOOKS)
+    assert {c["notebook"] for c in summary["cells"]} == set(plans.NOTEBOOKS)
     for cell in summary["cells"]:
         folder = smoke_study / "smoke" / cell["name"]
         page = (folder / "report.html").read_text()
@@ -251,7 +255,7 @@ def test_index_links_every_report_and_every_link_resolves(smoke_study):
     assert local and not missing, missing
     # what git ignores (executed notebooks, logs, checkpoints) must not be linked from a committed index
     assert not [h for h in local if h.endswith((".ipynb", ".log", ".pt"))]
-    for name in study.NOTEBOOKS[:2] + study.NOTEBOOKS[3:]:
+    for name in plans.NOTEBOOKS[:2] + plans.NOTEBOOKS[3:]:
         assert f"smoke/{name}/report.html" in links
     assert sum("smoke/runs/" in h and h.endswith("report.html") for h in links) == 7
 
@@ -313,7 +317,7 @@ def test_the_headline_holds_in_the_smoke_study(smoke_study):
 def test_a_second_invocation_skips_complete_runs(smoke_study, ci_data):
     root = smoke_study / "smoke"
     stamps = {p.parent.name: json.loads(p.read_text())["started"] for p in root.glob("runs/*/cell.json")}
-    assert study.cli(["--scale", "smoke", "--results", str(smoke_study), "--data", str(ci_data),
+    assert runner.cli(["--scale", "smoke", "--results", str(smoke_study), "--data", str(ci_data),
                       "--only", "fixed_rel"]) == 0
     assert stamps == {p.parent.name: json.loads(p.read_text())["started"] for p in root.glob("runs/*/cell.json")}
 
@@ -326,7 +330,7 @@ def test_train_run_goes_through_torchrun_when_ddp_is_asked(synthetic_manifest, t
     run_dir = tmp_path / "ddp"
     overrides = {"manifest": str(synthetic_manifest), "progress": False, "steps": 10, "expiry_mode": "fixed",
                  "expiry_threshold": 1.0, "ddp_buffers": "none", "bandwidths": [1.5, 3.0]}
-    metrics = study.train_run([str(SMOKE)], overrides, run_dir, nproc_per_node=2)
+    metrics = train_run([str(SMOKE)], overrides, run_dir, nproc_per_node=2)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["status"] == "complete"
     assert manifest["config"]["bandwidths"] == [1.5, 3.0] and metrics.step.max() == 10
@@ -347,7 +351,7 @@ def _run_folder(root: Path, name: str, manifest: dict | None = None, cell: dict 
     if cell is not None:
         (folder / "cell.json").write_text(json.dumps(cell))
     if evaluated:
-        for file in study.RUN_TABLES:
+        for file in RunFolder.TABLES:
             pd.DataFrame({"x": [1]}).to_parquet(folder / file)
     return folder
 
@@ -358,16 +362,16 @@ def test_list_runs_reads_arm_seed_hash_status_and_paths(tmp_path):
     _run_folder(tmp_path, "none-abcdefabcd-s0", cell={"arm": "none", "seed": 0, "status": "skipped"})
     _run_folder(tmp_path, "upstream-abcdefabcd-s1", {"status": "failed", "seed": 1})  # no cell.json: the name says
     (tmp_path / "runs" / "stray").mkdir()  # neither manifest nor cell record: not a run
-    runs = study.list_runs(tmp_path)
+    runs = records.list_runs(tmp_path)
     assert [(r.name, r.arm, r.seed, r.config_hash, r.status) for r in runs] == [
         ("adam_1e-3-0123456789-s2", "adam_1e-3", 2, "0123456789", "complete"),
         ("none-abcdefabcd-s0", "none", 0, "abcdefabcd", "not started"),
         ("upstream-abcdefabcd-s1", "upstream", 1, "abcdefabcd", "failed")]
     assert runs[0].checkpoint == done / "checkpoint.pt" and runs[0].eval_items == done / "eval_test.parquet"
-    assert [r.name for r in study.list_runs(tmp_path, evaluated=True)] == ["adam_1e-3-0123456789-s2"]
-    table = study.runs_table(runs)
+    assert [r.name for r in records.list_runs(tmp_path, evaluated=True)] == ["adam_1e-3-0123456789-s2"]
+    table = records.runs_table(runs)
     assert list(table.run) == [r.name for r in runs] and table.steps.iloc[0] == 5
-    assert study.list_runs(tmp_path / "nothing") == []
+    assert records.list_runs(tmp_path / "nothing") == []
 
 
 def test_run_tables_and_example_rows_come_from_the_listed_runs(tmp_path):
@@ -379,20 +383,20 @@ def test_run_tables_and_example_rows_come_from_the_listed_runs(tmp_path):
         (folder / "examples").mkdir()
         for name in files:
             (folder / "examples" / name).write_bytes(b"")
-    runs = study.list_runs(tmp_path, evaluated=True)
-    table = study.run_tables(runs, "eval_test.parquet")
+    runs = records.list_runs(tmp_path, evaluated=True)
+    table = records.run_tables(runs, "eval_test.parquet")
     assert list(table.arm) == ["none", "upstream"] and list(table.run) == [a.name, b.name]
     assert list(table.seed) == [0, 0]
-    rows = study.example_rows(runs, "6kbps")
+    rows = records.example_rows(runs, "6kbps")
     assert rows[0] == {"example": "speech_01", "reference": a / "examples" / "speech_01_reference.flac",
                        "none": a / "examples" / "speech_01_6kbps.flac",
                        "upstream": b / "examples" / "speech_01_6kbps.flac"}
     assert rows[1]["example"] == "music_02" and rows[1]["none"] is None and rows[1]["upstream"] is None
-    assert study.example_rows([], "6kbps") == []
+    assert records.example_rows([], "6kbps") == []
 
 
 def test_the_regimes_scale_plans_its_groups_the_fine_tuning_source_first_and_the_map_last():
-    plan = study.plan_study("regimes", results="results")
+    plan = plans.plan_study("regimes", results="results")
     codec = [c for c in plan.cells if c.notebook == "03_train_codec"]
     source = codec[0]
     assert source.name == "runs/none-60cda02ae4-s0", "the source keeps the long scale's none-s0 config and name"
@@ -400,8 +404,20 @@ def test_the_regimes_scale_plans_its_groups_the_fine_tuning_source_first_and_the
     assert {c.arm for c in frozen} == {"none", "fixed_rel"}
     assert all(c.needs == (source.name,) and c.parameters["overrides"]["init_from"].endswith(source.name)
                for c in frozen)
-    single = [c for c in codec if c.parameters["overrides"].get("bins") == 4096]
-    assert sorted((c.arm, c.seed) for c in single) == sorted((a, s) for a in ("none", "fixed_rel") for s in (0, 1, 2))
+    def group(steps: int, **sets) -> list:
+        return sorted((c.arm, c.seed) for c in codec if c.parameters["overrides"].get("bins") == 4096
+                      and c.parameters["overrides"]["steps"] == steps
+                      and all(c.parameters["overrides"].get(k) == v for k, v in sets.items()))
+    pairs = sorted((a, s) for a in ("none", "fixed_rel") for s in (0, 1, 2))
+    single = [c for c in codec if c.parameters["overrides"].get("bins") == 4096 and c.arm in ("none", "fixed_rel")
+              and c.parameters["overrides"]["steps"] == 3000 and "quantizer_warmup" not in c.parameters["overrides"]]
+    assert sorted((c.arm, c.seed) for c in single) == pairs
+    # issue 37: the same codebook to 10,000 steps, the init cure, the designs without expiry; K = 16384 x 3 seeds
+    assert group(10000) == pairs
+    assert group(3000, quantizer_warmup=250, kmeans_frames=4800) == [("fixed_rel", 0), ("none", 0)]
+    assert sorted((c.arm, c.seed) for c in codec if c.arm in ("dac_commit16", "simvq")) == [("dac_commit16", 0),
+                                                                                               ("simvq", 0)]
+    assert sorted((c.arm, c.seed) for c in codec if c.parameters["overrides"].get("bins") == 16384) == pairs
     regimes_cell = plan.cells[-1]
     assert regimes_cell.notebook == "08_regimes" and set(regimes_cell.needs) == {c.name for c in codec}
     assert regimes_cell.parameters["source_run"] == source.name and regimes_cell.parameters["jobs"] == 2
@@ -414,5 +430,5 @@ def test_the_regimes_scale_plans_its_groups_the_fine_tuning_source_first_and_the
      "scales.regimes.regimes.compare_scale: unknown key"),
 ])
 def test_regimes_scale_errors_name_the_group_or_the_key(tmp_path, edit, message):
-    with pytest.raises(study.StudyError, match=re.escape(message)):
-        study.plan_study("regimes", params=_params_copy(tmp_path, edit))
+    with pytest.raises(plans.StudyError, match=re.escape(message)):
+        plans.plan_study("regimes", params=_params_copy(tmp_path, edit))

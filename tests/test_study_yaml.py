@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from studylib import study
+from studylib.study import plan as plans
+from studylib.study import runner
 
 
 def _params_with(tmp_path: Path, scale: str, edit) -> Path:
@@ -52,10 +53,10 @@ def _set(block: str, key: str, value):
 ])
 def test_a_bad_key_in_any_block_is_a_one_line_error_before_anything_runs(tmp_path, capsys, edit, message):
     params = _params_with(tmp_path, "smoke", edit)
-    with pytest.raises(study.StudyError, match=re.escape(message)):
-        study.plan_study("smoke", tmp_path / "results", params, data=tmp_path / "data")
+    with pytest.raises(plans.StudyError, match=re.escape(message)):
+        plans.plan_study("smoke", tmp_path / "results", params, data=tmp_path / "data")
     results = tmp_path / "results"
-    code = study.cli(["--scale", "smoke", "--results", str(results), "--params", str(params),
+    code = runner.cli(["--scale", "smoke", "--results", str(results), "--params", str(params),
                       "--data", str(tmp_path / "data")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("studylib study: ") and message in err, err
@@ -65,18 +66,18 @@ def test_a_bad_key_in_any_block_is_a_one_line_error_before_anything_runs(tmp_pat
 
 @pytest.mark.parametrize("scale", ["smoke", "cpu", "gpu"])
 def test_the_committed_blocks_are_valid(scale):
-    settings = study.load_study(ROOT / "params" / "study.yaml", scale)
-    study.check_notebook_blocks(scale, settings)
+    settings = plans.load_study(ROOT / "params" / "study.yaml", scale)
+    plans.check_notebook_blocks(scale, settings)
 
 
-@pytest.mark.parametrize("name", study.NOTEBOOKS)
+@pytest.mark.parametrize("name", plans.NOTEBOOKS)
 def test_papermill_sees_every_assignment_of_each_parameters_cell(name):
     """papermill's line parser skips lines it cannot read (e.g. a comment holding ' = '): such a parameter could
     neither be checked nor injected."""
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
-    assert study.notebook_parameters(ROOT / "notebooks" / f"{name}.ipynb") == tuple(assigned)
+    assert plans.notebook_parameters(ROOT / "notebooks" / f"{name}.ipynb") == tuple(assigned)
 
 
 def test_a_cell_parameter_its_notebook_lacks_is_refused(tmp_path):
@@ -86,7 +87,7 @@ def test_a_cell_parameter_its_notebook_lacks_is_refused(tmp_path):
     nb.cells = [params]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "nb.ipynb")
-    study._check_cells_against_notebooks([study.Cell("a", "nb", {"out_dir": "x", "steps": 1, "progress": False})],
+    plans._check_cells_against_notebooks([plans.Cell("a", "nb", {"out_dir": "x", "steps": 1, "progress": False})],
                                          tmp_path)  # the runner's common keys may be left out
-    with pytest.raises(study.StudyError, match="b: nb has no parameter 'stepz'; its parameters: out_dir, steps"):
-        study._check_cells_against_notebooks([study.Cell("b", "nb", {"stepz": 1})], tmp_path)
+    with pytest.raises(plans.StudyError, match="b: nb has no parameter 'stepz'; its parameters: out_dir, steps"):
+        plans._check_cells_against_notebooks([plans.Cell("b", "nb", {"stepz": 1})], tmp_path)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, SMOKE, SMOKE_RUN, smoke_config, train_killed_then_resumed
 
-from studylib import train as trainlib
+from studylib.training import train as trainlib
 
 
 def comparable(run_dir: Path):
@@ -133,7 +133,7 @@ def test_torchrun_two_ranks_keep_fixed_codebooks_identical(synthetic_manifest, t
     run_dir = tmp_path / "ddp"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "studylib.train", str(SMOKE), "--set", f"manifest={synthetic_manifest}", "--set",
+           "-m", "studylib.training.train", str(SMOKE), "--set", f"manifest={synthetic_manifest}", "--set",
            f"run_dir={run_dir}", "--set", "progress=false", "--set", "expiry_mode=fixed", "--set",
            "expiry_threshold=1.0", "--set", "ddp_buffers=none", "--set", "steps=12"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -243,7 +243,7 @@ def test_a_frozen_encoder_starts_from_the_source_and_stays_while_the_decoder_tra
 
 
 def test_the_regime_options_leave_earlier_run_names_alone_and_check_their_values(synthetic_manifest, tmp_path):
-    from studylib import config as cfglib
+    from studylib.core import config as cfglib
 
     plain = smoke_config(synthetic_manifest, tmp_path)
     same = smoke_config(synthetic_manifest, tmp_path, target_bandwidths=None, init_from="", freeze_encoder=False)

@@ -1,0 +1,340 @@
+"""Evaluation of a trained codec (and of Opus) on fixed test windows, through one scoring function.
+
+    studylib evaluate RUN_DIR [--split test] [--bandwidths 1.5 6 24] [--visqol-items 16]
+    studylib opus MANIFEST [--split test] [--out results/baselines/opus_test.parquet]
+
+Writes beside the run: `eval_<split>.parquet` (one row per item x bandwidth, every metric),
+`eval_<split>_levels.parquet` (per bandwidth and level: usage, perplexity, entropy, dead codes, plus
+the entropy bitrate), `eval_<split>_frequency.parquet` (codes-by-frequency at the highest bandwidth),
+`eval_<split>.json` (the settings they were made with, and the checkpoint's step) and
+`examples/<kind>_<item>_{reference,<kbps>kbps}.flac` for the reports. It checks it can write there before
+it computes; the CLI refuses to replace files made with other settings (a study's evaluation) without --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+from tqdm.auto import tqdm
+
+from studylib.core.config import UserError
+from studylib.core.storage import (
+    DamagedFile,
+    atomic_write,
+    check_writable,
+    read_json,
+    read_parquet,
+    warn,
+    write_json,
+    write_parquet,
+)
+from studylib.model import metrics
+from studylib.model.codec import SAMPLE_RATE, Codec
+from studylib.training import baselines
+from studylib.training.data import AudioDataset
+from studylib.training.manifest import SPLITS, load_manifest
+from studylib.training.run_folder import load_checkpoint
+
+EXAMPLE_BANDWIDTHS = (1.5, 6.0, 24.0)
+MILESTONE_BANDWIDTHS = (1.5, 6.0, 24.0)  # kbps at which milestone checkpoints are scored
+
+
+@dataclass
+class Evaluation:
+    items: pd.DataFrame  # one row per item x bandwidth
+    levels: pd.DataFrame  # one row per bandwidth x level
+    frequency: pd.DataFrame  # level, rank, frequency at the highest bandwidth
+    examples: list[Path]
+
+
+def eval_windows(manifest: str | Path, split: str = "test", seconds: float = 5.0,
+                 per_kind: int | None = None, sample_rate: int = SAMPLE_RATE) -> tuple[AudioDataset, pd.DataFrame]:
+    """Fixed evaluation windows of a split and, per window, its manifest row (kind, group, source).
+
+    `item` is the window's index in the dataset; `sample_rate` is the rate the codec needs (and the
+    manifest's audio must have). `per_kind` keeps that many windows of each kind, spread
+    evenly over the kind's windows (so over its sources), the same ones on every call."""
+    if split not in SPLITS:
+        raise ValueError(f"split: got {split!r}, allowed {SPLITS}")
+    if per_kind is not None and per_kind < 1:
+        raise ValueError(f"per_kind: got {per_kind!r}, allowed None or an integer >= 1")
+    dataset = AudioDataset(manifest, split, seconds, sample_rate, train=False)
+    rows = load_manifest(manifest).query("split == @split").reset_index(drop=True)
+    columns = ["path", "kind", "group", "source"]
+    info = pd.DataFrame([{"item": i, "start_s": start / sample_rate, **rows.iloc[seg][columns]}
+                         for i, (seg, start) in enumerate(dataset.windows)])
+    if per_kind is not None:
+        keep = [group.iloc[np.unique(np.linspace(0, len(group) - 1, min(per_kind, len(group))).round().astype(int))]
+                for _, group in info.groupby("kind", sort=True)]
+        info = pd.concat(keep).sort_values("item").reset_index(drop=True)
+    return dataset, info
+
+
+def score(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> list[dict]:
+    """SI-SDR and mel distance per item of a batch [B, T]."""
+    return [{"si_sdr": float(s), "mel_distance": float(m)} for s, m in
+            zip(metrics.si_sdr(estimate, reference), metrics.mel_distance(estimate, reference, sample_rate))]
+
+
+def visqol_scores(estimate: torch.Tensor, reference: torch.Tensor, kind: str, sample_rate: int = SAMPLE_RATE) -> dict:
+    """ViSQOL of one item [T]: audio mode always, speech mode for speech items (modes are not comparable)."""
+    speech = metrics.visqol(estimate, reference, sample_rate, "speech") if kind == "speech" else math.nan
+    return {"visqol_audio": metrics.visqol(estimate, reference, sample_rate, "audio"), "visqol_speech": speech}
+
+
+def _examples_to_save(info: pd.DataFrame, per_kind: int) -> set[int]:
+    """The first `per_kind` windows of each kind, one per source where possible (fixed across runs)."""
+    chosen = info.drop_duplicates("source").groupby("kind").head(per_kind)
+    return set(chosen.item.tolist())
+
+
+@torch.no_grad()
+def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[float, ...] | None = None,
+             manifest: str | Path | None = None, seconds: float = 5.0, visqol_items: int = 16,
+             examples_per_kind: int = 2, batch_size: int = 8, out_dir: str | Path | None = None,
+             per_kind: int | None = None, progress: bool = True, suffix: str = "", force: bool = True) -> Evaluation:
+    """Evaluate a run folder, a checkpoint file (e.g. a milestone's checkpoint_step500.pt) or a codec on the fixed
+    windows of `split` (`per_kind` of each kind, or all); ViSQOL on the first `visqol_items` windows of each kind
+    (it costs ~1 s per window); results written to `out_dir` (default: the run folder) when there is one, as
+    eval_<split><suffix>.parquet, eval_<split><suffix>_levels.parquet and eval_<split><suffix>_frequency.parquet,
+    with the settings beside them (eval_<split><suffix>.json). Before computing: WriteError if that folder cannot
+    be written, and (force=False) UserError if it holds such an evaluation made with other settings."""
+    step = None
+    if isinstance(run, Codec):
+        codec, run_dir = run.eval(), (Path(out_dir) if out_dir else None)
+        if manifest is None:
+            raise ValueError("manifest: required when evaluating a codec object rather than a run folder")
+    else:
+        codec, cfg, ckpt = load_checkpoint(run)
+        run_dir = Path(out_dir) if out_dir else (Path(run) if Path(run).is_dir() else Path(run).parent)
+        manifest, step = manifest or cfg.manifest, ckpt.get("step")
+    bandwidths = tuple(sorted(bandwidths or codec.config.target_bandwidths))
+    settings = {"split": split, "bandwidths": [float(b) for b in bandwidths], "manifest": str(Path(manifest).resolve()),
+                "seconds": float(seconds), "per_kind": per_kind, "visqol_items": visqol_items,
+                "examples_per_kind": examples_per_kind}
+    if run_dir is not None:
+        if not force:
+            _refuse_other_settings(run_dir, settings, suffix)
+        check_writable(run_dir, 8 << 20)  # tables and example FLACs: a few MB
+    rate = codec.config.sample_rate
+    dataset, info = eval_windows(manifest, split, seconds, per_kind, rate)
+    kinds = info.set_index("item").kind
+    visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
+    example_ids = _examples_to_save(info, examples_per_kind)
+    frame_rate, bins = codec.config.frame_rate, codec.config.bins
+    levels = {bw: codec.quantizer.get_num_quantizers_for_bandwidth(frame_rate, bw) for bw in bandwidths}
+
+    rows, level_rows, codes_by_bw = [], [], {bw: [] for bw in bandwidths}
+    ids_all = info.item.tolist()
+    batches = [ids_all[i: i + batch_size] for i in range(0, len(ids_all), batch_size)]
+    for ids in tqdm(batches, desc=f"evaluate {split}", disable=not progress):
+        wav = torch.stack([dataset[i] for i in ids])  # [B, 1, T]
+        # RVQ codes are sequential, so a lower bandwidth's codes are a prefix of the highest one's:
+        # one encoder pass per batch, one decoder pass per bandwidth.
+        all_codes = codec.encode(wav, bandwidths[-1])  # [n_q, B, F]
+        for bw in bandwidths:
+            codes = all_codes[: levels[bw]]
+            audio = codec.decode(codes)[..., : wav.shape[-1]]
+            codes_by_bw[bw].append(codes.flatten(1))
+            for pos, (i, row) in enumerate(zip(ids, score(audio[:, 0], wav[:, 0], rate))):
+                if i in visqol_ids:
+                    row |= visqol_scores(audio[pos, 0], wav[pos, 0], kinds[i], rate)
+                rows.append({"item": i, "system": "codec", "bandwidth": bw, "n_q": codes.shape[0],
+                             "nominal_kbps": metrics.nominal_kbps(codes.shape[0], bins, frame_rate), **row})
+    examples = _write_examples(codec, dataset, info, example_ids, bandwidths, run_dir) if run_dir and example_ids \
+        else []
+    for bw, chunks in codes_by_bw.items():
+        codes = torch.cat(chunks, dim=1)  # [n_q, all frames]
+        dead = torch.stack([cb.dead_mask() for cb in codec.quantizer.codebooks[: codes.shape[0]]])
+        table = metrics.utilization(codes, bins, dead)
+        table.insert(0, "bandwidth", bw)
+        table["entropy_kbps"] = metrics.entropy_kbps(codes, bins, frame_rate)
+        table["bitrate_efficiency"] = metrics.bitrate_efficiency(codes, bins)
+        level_rows.append(table)
+    top = torch.cat(codes_by_bw[bandwidths[-1]], dim=1)
+    freq = metrics.sorted_frequency(top, bins)
+    frequency = pd.DataFrame([{"level": lvl, "rank": r, "frequency": float(f)}
+                              for lvl in range(freq.shape[0]) for r, f in enumerate(freq[lvl])])
+    result = Evaluation(info.merge(pd.DataFrame(rows), on="item"), pd.concat(level_rows, ignore_index=True),
+                        frequency, examples)
+    if run_dir is not None:
+        write_parquet(result.items, run_dir / f"eval_{split}{suffix}.parquet")
+        write_parquet(result.levels, run_dir / f"eval_{split}{suffix}_levels.parquet")
+        write_parquet(result.frequency, run_dir / f"eval_{split}{suffix}_frequency.parquet")
+        write_json({**settings, "checkpoint_step": step}, run_dir / f"eval_{split}{suffix}.json")
+    return result
+
+
+def evaluate_milestones(run_dir: str | Path, manifest: str | Path | None = None, per_kind: int | None = None,
+                        seconds: float = 5.0, progress: bool = True) -> list[int]:
+    """Evaluate each milestone checkpoint of a run (checkpoint_step<N>.pt, `TrainConfig.milestones`) that has no
+    evaluation newer than itself, at MILESTONE_BANDWIDTHS (those the model has), without ViSQOL or examples, into
+    eval_test_step<N>*.parquet; returns the milestone steps on disk. The final checkpoint is the run's own
+    evaluation (eval_test.parquet)."""
+    run_dir = Path(run_dir)
+    steps = []
+    for step, path in sorted(milestone_checkpoints(run_dir).items()):
+        steps.append(step)
+        done = run_dir / f"eval_test_step{step}_levels.parquet"
+        if done.is_file() and done.stat().st_mtime >= path.stat().st_mtime:
+            continue
+        codec, cfg, _ = load_checkpoint(path)
+        bandwidths = tuple(b for b in MILESTONE_BANDWIDTHS if b in codec.config.target_bandwidths)
+        evaluate(codec, "test", bandwidths or None, manifest or cfg.manifest, visqol_items=0, examples_per_kind=0,
+                 seconds=seconds, out_dir=run_dir, per_kind=per_kind, progress=progress, suffix=f"_step{step}")
+    return steps
+
+
+def milestone_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """step -> checkpoint_step<step>.pt of a run folder."""
+    found = {}
+    for path in Path(run_dir).glob("checkpoint_step*.pt"):
+        step = path.stem.removeprefix("checkpoint_step")
+        if step.isdigit():
+            found[int(step)] = path
+    return found
+
+
+def _refuse_other_settings(run_dir: Path, settings: dict, suffix: str = "") -> None:
+    """UserError if `run_dir` holds an evaluation of the split made with other settings (or with settings it
+    does not record): a study's evaluation is not replaced by accident."""
+    items = run_dir / f"eval_{settings['split']}{suffix}.parquet"
+    if not items.is_file():
+        return
+    try:
+        recorded = read_json(items.with_suffix(".json"))
+    except DamagedFile:
+        recorded = None
+    if recorded is None:
+        raise UserError(f"{items}: an evaluation is there, made with settings it does not record (no "
+                        f"{items.with_suffix('.json').name} beside it); pass --force to replace it")
+    changed = [f"{key} {recorded.get(key)!r} there, {value!r} asked" for key, value in settings.items()
+               if recorded.get(key) != value]
+    if changed:
+        raise UserError(f"{items}: an evaluation made with other settings is there ({'; '.join(changed)}); pass "
+                        "--force to replace it, or ask for the same settings")
+
+
+def _write_examples(codec: Codec, dataset: AudioDataset, info: pd.DataFrame, ids: set[int],
+                    bandwidths: tuple[float, ...], run_dir: Path) -> list[Path]:
+    """FLAC of the reference and of the reconstructions at EXAMPLE_BANDWIDTHS, for the reports."""
+    folder = run_dir / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = info.set_index("item").kind
+    written = []
+    for i in sorted(ids):
+        wav = dataset[i][None]  # [1, 1, T]
+        versions = {"reference": wav} | {f"{bw:g}kbps": codec.decode(codec.encode(wav, bw))[..., : wav.shape[-1]]
+                                         for bw in bandwidths if bw in EXAMPLE_BANDWIDTHS}
+        for label, audio in versions.items():
+            path = folder / f"{kinds[i]}_{i:04d}_{label}.flac"
+            flac = functools.partial(sf.write, data=audio[0, 0].clamp(-1, 1).numpy(),
+                                     samplerate=codec.config.sample_rate, format="FLAC")
+            written.append(atomic_write(path, flac))
+    return written
+
+
+def evaluate_opus(manifest: str | Path, split: str = "test", bitrates: tuple[float, ...] = baselines.OPUS_BITRATES,
+                  seconds: float = 5.0, visqol_items: int = 16, out: str | Path | None = None,
+                  per_kind: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Opus on the same windows, scored by the same code; `bandwidth` is the requested kbps and
+    `payload_kbps` what Opus actually spent."""
+    baselines.require_opus()
+    if out is not None:
+        check_writable(Path(out).parent)  # before the minutes of encoding
+    dataset, info = eval_windows(manifest, split, seconds, per_kind)
+    kinds = info.set_index("item").kind
+    visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
+    rows = []
+    for i in tqdm(info.item.tolist(), desc=f"opus {split}", disable=not progress):
+        ref = dataset[i][0]
+        for kbps in bitrates:
+            result = baselines.opus_encode_decode(ref.numpy(), kbps)
+            est = torch.from_numpy(np.ascontiguousarray(result.audio))
+            row = score(est[None], ref[None])[0]
+            if i in visqol_ids:
+                row |= visqol_scores(est, ref, kinds[i])
+            rows.append({"item": i, "system": "opus", "bandwidth": kbps, "nominal_kbps": kbps,
+                         "payload_kbps": result.payload_kbps, **row})
+    table = info.merge(pd.DataFrame(rows), on="item")
+    if out is not None:
+        write_parquet(table, out)
+    return table
+
+
+def opus_cached(path: str | Path, manifest: str | Path, bitrates: tuple[float, ...], split: str = "test",
+                seconds: float = 5.0, visqol_items: int = 16, per_kind: int | None = None,
+                progress: bool = True) -> pd.DataFrame | None:
+    """`evaluate_opus` computed once and kept at `path` with its settings beside it (`path`.json): a later
+    call with the same settings reads the file, other settings recompute it. None when opus-tools is missing."""
+    path = Path(path)
+    settings = {"manifest": str(Path(manifest).resolve()), "bitrates": [float(b) for b in bitrates], "split": split,
+                "seconds": seconds, "visqol_items": visqol_items, "per_kind": per_kind}
+    sidecar = path.with_suffix(".json")
+    try:
+        if path.is_file() and read_json(sidecar) == settings:
+            return read_parquet(path)
+    except DamagedFile as e:  # computed again below
+        warn(f"{e}; computing it again")
+    if not baselines.opus_available():
+        return None
+    table = evaluate_opus(manifest, split, tuple(bitrates), seconds, visqol_items, path, per_kind, progress)
+    write_json(settings, sidecar)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _summary(items: pd.DataFrame) -> str:
+    cols = [c for c in ("si_sdr", "mel_distance", "visqol_audio", "visqol_speech") if c in items]
+    return items.groupby(["system", "bandwidth", "kind"])[cols].mean().round(3).to_string()
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="studylib evaluate", description="Evaluate a run on fixed test windows.")
+    parser.add_argument("run", help="a run folder or its checkpoint.pt")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--bandwidths", type=float, nargs="+", help="kbps (default: the model's)")
+    parser.add_argument("--visqol-items", type=int, default=16, help="ViSQOL on this many windows per kind")
+    parser.add_argument("--per-kind", type=int, help="this many windows of each kind (default: all)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="window length (default 5)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an evaluation made with other settings (e.g. the study's)")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.run, args.split, tuple(args.bandwidths) if args.bandwidths else None,
+                          seconds=args.seconds, visqol_items=args.visqol_items, per_kind=args.per_kind,
+                          force=args.force)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"studylib evaluate: {e}", file=sys.stderr)
+        return 2
+    print(_summary(result.items))
+    return 0
+
+
+def opus_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="studylib opus", description="Opus baseline on fixed test windows.")
+    parser.add_argument("manifest")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--visqol-items", type=int, default=16)
+    parser.add_argument("--out", default=None, help="parquet (default: results/baselines/opus_<split>.parquet)")
+    args = parser.parse_args(argv)
+    out = args.out or f"results/baselines/opus_{args.split}.parquet"
+    try:
+        table = evaluate_opus(args.manifest, args.split, visqol_items=args.visqol_items, out=out)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"studylib opus: {e}", file=sys.stderr)
+        return 2
+    print(_summary(table))
+    print(f"wrote {out}")
+    return 0
