@@ -16,8 +16,8 @@ import pytest
 from conftest import ROOT
 
 from studylib.analysis import records
+from studylib.study import cells, runner
 from studylib.study import plan as plans
-from studylib.study import runner
 from studylib.training.run_folder import RunFolder
 from studylib.training.train import train_run
 
@@ -320,6 +320,37 @@ def test_a_second_invocation_skips_complete_runs(smoke_study, ci_data):
     assert runner.cli(["--scale", "smoke", "--results", str(smoke_study), "--data", str(ci_data),
                       "--only", "fixed_rel"]) == 0
     assert stamps == {p.parent.name: json.loads(p.read_text())["started"] for p in root.glob("runs/*/cell.json")}
+
+
+def _stale(plan: plans.StudyPlan) -> dict[str, str | None]:
+    problems = cells.codec_run_problems(plan, repair=False)
+    return {c.name: cells.why_stale(plan, c, problems.get(c.name)) for c in plan.cells if not c.always}
+
+
+def test_a_results_tree_moved_elsewhere_finds_every_run_complete(smoke_study, ci_data, tmp_path):
+    """Issue 36: run records are portable (paths relative to the results, params and repository folders): a
+    copy of the finished smoke results, with a copy of the params, in other folders re-runs nothing."""
+    moved = tmp_path / "elsewhere" / "results"
+    shutil.copytree(smoke_study, moved)
+    plan = plans.plan_study("smoke", moved, _params_copy(tmp_path, lambda t: t), data=ci_data)
+    stale = _stale(plan)
+    assert stale and stale == {name: None for name in stale}
+    record = json.loads((moved / "smoke" / plan.cells[1].name / "cell.json").read_text())
+    assert str(smoke_study) not in json.dumps(record) and record["parameters"]["out_dir"].startswith("{results}/")
+
+
+def test_changing_how_runs_execute_neither_retrains_nor_moves_aside_a_complete_run(smoke_study, ci_data, tmp_path):
+    """Issue 36: `milestones` and `compile` (like `progress`) say how a run executes, not what it trains
+    (NOT_HASHED): the runner leaves a complete run alone, as `studylib train` resumes it, and moves no checkpoint
+    aside as 'of another config'."""
+    params = _params_copy(tmp_path, lambda t: t.replace("set: {milestones: [10]}",
+                                                        "set: {milestones: [10, 15], compile: true}"))
+    plan = plans.plan_study("smoke", smoke_study, params, data=ci_data)
+    codec = [c for c in plan.cells if c.notebook == "03_train_codec"]
+    assert codec[0].parameters["overrides"]["milestones"] == [10, 15]
+    problems = cells.codec_run_problems(plan)  # repairs: would move a checkpoint it found of another config aside
+    assert not any(problems.values()) and not list(smoke_study.rglob("*.damaged"))
+    assert all(cells.why_stale(plan, c, problems.get(c.name)) is None for c in codec)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from studylib.analysis import reports, stats
+from studylib.analysis import anchors, reports, stats
 
 SAME_FRAMES = ("upstream", "none")  # the pair the bug makes identical
 # the fixed_rel setting shown beside the other arms (Moshi's threshold 0.1, checked every 5 steps)
@@ -151,9 +151,9 @@ def paper_anchor(summary: pd.DataFrame, focus_kbps: float) -> pd.DataFrame:
     focus = focus_rows(summary, focus_kbps)
     opus_kbps = focus[focus.arm == "opus"].kbps
     nearest = (opus_kbps - focus_kbps).abs().min() if len(opus_kbps) else None
-    paper = [{"system": "EnCodec paper, 24 kHz streamable", "kbps": 6.0, "si_sdr": 6.67, "visqol_audio": 4.35,
-              "data": "paper's test set"},
-             {"system": "Opus (paper)", "kbps": 6.0, "si_sdr": 2.45, "visqol_audio": 2.60, "data": "paper's test set"}]
+    paper = [{"system": anchor["system"], "kbps": anchors.ENCODEC_PAPER_KBPS, "si_sdr": anchor["si_sdr_db"],
+              "visqol_audio": anchor["visqol"], "data": "paper's test set"}
+             for anchor in (anchors.ENCODEC_PAPER, anchors.OPUS_PAPER)]
     ours = [{"system": f"this study: {r.arm}", "kbps": r.kbps, "si_sdr": r.si_sdr,
              "visqol_audio": getattr(r, "visqol_audio", float("nan")), "data": "this corpus, this scale"}
             for r in focus.itertuples() if r.arm != "opus" or abs(r.kbps - focus_kbps) == nearest]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from studylib.analysis import regimes, reports, stats
+from studylib.analysis import anchors, regimes, reports, stats
 from studylib.analysis.records import RunRecord, list_runs
 from studylib.core import storage
 from studylib.core.storage import DamagedFile, read_json, read_parquet, warn
@@ -25,7 +25,7 @@ from studylib.training.run_folder import RunFolder
 
 COLUMNS = ["scale", "arm", "seed", "run", "bins", "n_q", "steps", "final", "bandwidth_kbps", "si_sdr_db",
            "mel_distance", "visqol", "usage", "perplexity", "perplexity_l0", "entropy_kbps", "n_items",
-           "left_plateau_step", "train_minutes", "payload_kbps"]
+           "left_plateau_step", "train_minutes", "payload_kbps", "model", "train_steps", "init"]
 # the horizons of the README's headline block: the default scale (500 steps) and the long-horizon scale
 HEADLINE_SCALES = ("cpu", "long")
 HEADLINE_METRICS = [("si_sdr_db", "SI-SDR (dB)", 2), ("mel_distance", "mel distance", 3), ("visqol", "ViSQOL", 2),
@@ -40,9 +40,8 @@ ALTERNATIVE_KBPS = (1.5, 6.0, 24.0)
 HIGHER_IS_BETTER = {"si_sdr_db": True, "mel_distance": False, "visqol": True, "usage": True, "perplexity_l0": True,
                     "entropy_kbps": True}
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
-# The EnCodec paper's streamable 24 kHz model at 6 kbps (Défossez et al. 2022, table 1): a far anchor on
-# other data with a far larger model, not a target.
-PAPER = {"system": "EnCodec paper, 24 kHz streamable (other data, GPU-days)", "si_sdr_db": 6.67, "visqol": 4.35}
+# The EnCodec paper's streamable 24 kHz model at 6 kbps (studylib.analysis.anchors): a far anchor, not a target.
+PAPER = {**anchors.ENCODEC_PAPER, "system": anchors.ENCODEC_PAPER_ROW}
 
 
 def run_rows(run: RunRecord, scale: str) -> list[dict]:
@@ -55,7 +54,8 @@ def run_rows(run: RunRecord, scale: str) -> list[dict]:
     common = {"scale": scale, "arm": run.arm, "seed": run.seed, "run": run.name, "bins": shape["bins"],
               "n_q": shape["n_q"],
               "left_plateau_step": summary.get("left_plateau_step"),
-              "train_minutes": (manifest.get("train_seconds") or math.nan) / 60, "payload_kbps": math.nan}
+              "train_minutes": (manifest.get("train_seconds") or math.nan) / 60, "payload_kbps": math.nan,
+              **regimes.codec_setting(run)}
     evaluations = [((manifest.get("config") or {}).get("steps"), True, run.eval_items, run.eval_levels)]
     evaluations += [(step, False, items, levels) for step, (items, levels) in sorted(run.milestone_evals.items())]
     rows = []
@@ -102,7 +102,7 @@ def summary_table(results: str | Path) -> pd.DataFrame:
                 warn(f"skipped the run {run.folder}: {e}")
         rows += opus_rows(scale_dir / "baselines" / "opus_test.parquet", scale_dir.name)
     table = pd.DataFrame(rows, columns=COLUMNS).astype({"seed": "Int64", "steps": "Int64", "final": bool,
-                                                         "bins": "Int64", "n_q": "Int64"})
+                                                         "bins": "Int64", "n_q": "Int64", "train_steps": "Int64"})
     order = {arm: i for i, arm in enumerate(ARM_ORDER)}
     return table.sort_values(["scale", "steps", "bandwidth_kbps", "arm", "seed"], na_position="last",
                              key=lambda c: c.map(order).fillna(99) if c.name == "arm" else c).reset_index(drop=True)

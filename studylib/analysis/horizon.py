@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from studylib.analysis import recipe, reports, stats
-from studylib.analysis.findings import PAPER
+from studylib.analysis.anchors import ENCODEC_PAPER
 from studylib.analysis.records import RunRecord
 from studylib.core.storage import read_parquet, warn, write_parquet
 from studylib.model.codec import SAMPLE_RATE
@@ -207,5 +207,6 @@ def targets(summary: pd.DataFrame, arms: Sequence[str], focus_kbps: float = 6.0,
                      f"si_sdr_{focus_kbps:g}kbps": si, f"mel_{focus_kbps:g}kbps": mel,
                      "opus_si_sdr": opus_si, "opus_mel": opus_mel, "beats_opus_si_sdr": bool(si > opus_si),
                      "beats_opus_mel": bool(mel < opus_mel), f"si_sdr_{high:g}_minus_{low:g}": rise,
-                     f"rises_{rise_db:g}db": bool(rise >= rise_db), "reaches_paper": bool(si >= PAPER["si_sdr_db"])})
+                     f"rises_{rise_db:g}db": bool(rise >= rise_db),
+                     "reaches_paper": bool(si >= ENCODEC_PAPER["si_sdr_db"])})
     return pd.DataFrame(rows)

@@ -25,14 +25,16 @@ from studylib.core.storage import DamagedFile, read_parquet, warn
 from studylib.model.codec import CodecConfig
 
 COLUMNS = ["regime", "kind", "scale", "arm", "seed", "run", "step", "bins", "n_q", "frames_per_step", "encoder",
-           "bandwidth_kbps", "usage", "perplexity", "dead_codes", "si_sdr_db", "mel_distance", "snr_db"]
+           "bandwidth_kbps", "usage", "perplexity", "dead_codes", "si_sdr_db", "mel_distance", "snr_db", "model",
+           "train_steps", "init"]
+# the defaults a regime's name leaves out (issues 37, 38: a longer horizon, the init cure, the official model size)
+DEFAULT_MODEL, DEFAULT_CODEC_STEPS, FIRST_BATCH = "small", 3000, "first batch"
 SCALES = ("long", "regimes")  # the scales of results/regimes.csv
 QUANTIZER_DIR = Path("08_regimes") / "runs"  # a scale's quantizer-only cells
 
 
 def codec_shape(run: RunRecord) -> dict:
     """bins, levels, frames per step and encoder (trained | frozen) of a codec run, from its manifest."""
-
     cfg = run.manifest.get("config") or {}
     n_q = cfg.get("n_q") or getattr(CodecConfig, cfg.get("model", "small"))().n_q
     return {"bins": int(cfg.get("bins", 1024)), "n_q": int(n_q),
@@ -40,13 +42,29 @@ def codec_shape(run: RunRecord) -> dict:
             "encoder": "frozen" if cfg.get("freeze_encoder") else "trained"}
 
 
-def regime_name(kind: str, bins: int, n_q: int, frames_per_step: int, encoder: str) -> str:
-    return f"{kind} K={bins} x{n_q} {frames_per_step}f {encoder}"
+def codec_setting(run: RunRecord) -> dict:
+    """What else sets a codec run's regime apart: its model preset, its training length and its codebook init
+    (`first batch`, as EnCodec; or the init cure: an autoencoder warm-up, then k-means on more frames)."""
+    cfg = run.manifest.get("config") or {}
+    warmup, frames = int(cfg.get("quantizer_warmup") or 0), int(cfg.get("kmeans_frames") or 0)
+    init = f"warm-up {warmup}, k-means on {frames}" if warmup or frames else FIRST_BATCH
+    return {"model": cfg.get("model", DEFAULT_MODEL), "train_steps": int(cfg.get("steps", 0)), "init": init}
+
+
+def regime_name(kind: str, bins: int, n_q: int, frames_per_step: int, encoder: str, model: str = DEFAULT_MODEL,
+                train_steps: int | None = None, init: str = FIRST_BATCH) -> str:
+    """e.g. "codec K=4096 x1 600f trained"; a longer codec horizon, another model or the init cure are added."""
+    name = f"{kind} K={bins} x{n_q} {frames_per_step}f {encoder}"
+    if kind == "codec" and train_steps and train_steps > DEFAULT_CODEC_STEPS:
+        name += f" {train_steps} steps"
+    if model != DEFAULT_MODEL:
+        name += f" {model}"
+    return name + ("" if init == FIRST_BATCH else " init cure")
 
 
 def codec_rows(run: RunRecord, scale: str) -> list[dict]:
     """One row per scored step of a codec run at its bitrate (the valid_bandwidth it was trained to be scored at)."""
-    shape = codec_shape(run)
+    shape, setting = codec_shape(run), codec_setting(run)
     cfg = run.manifest.get("config") or {}
     kbps = float(cfg.get("valid_bandwidth", 6.0))
     metrics = read_parquet(run.metrics)
@@ -63,11 +81,11 @@ def codec_rows(run: RunRecord, scale: str) -> list[dict]:
         logged = train[train.step <= step].tail(1)  # the EMA dead-code count at the last logged step before
         used_levels = [f"dead_l{level}" for level in sorted(levels.level.unique()) if f"dead_l{level}" in levels_of]
         dead = float(logged[used_levels].mean(axis=1).iloc[0]) if len(logged) and used_levels else math.nan
-        rows.append({"regime": regime_name("codec", **shape), "kind": "codec", "scale": scale, "arm": run.arm,
-                     "seed": run.seed, "run": run.name, "step": step, **shape, "bandwidth_kbps": kbps,
+        rows.append({"regime": regime_name("codec", **shape, **setting), "kind": "codec", "scale": scale,
+                     "arm": run.arm, "seed": run.seed, "run": run.name, "step": step, **shape, "bandwidth_kbps": kbps,
                      "usage": levels.usage.mean(), "perplexity": levels.perplexity.mean(), "dead_codes": dead,
                      "si_sdr_db": items.si_sdr.mean(), "mel_distance": items.mel_distance.mean(),
-                     "snr_db": math.nan})
+                     "snr_db": math.nan, **setting})
     return rows
 
 
@@ -81,7 +99,8 @@ def quantizer_rows(table: pd.DataFrame) -> list[dict]:
              "arm": first.arm, "seed": int(first.seed), "run": first.cell, "step": int(row.step), **shape,
              "bandwidth_kbps": math.nan, "usage": row.usage_l0, "perplexity": row.perplexity_l0,
              "dead_codes": float(train.dead_l0.get(row.step, math.nan)), "si_sdr_db": math.nan,
-             "mel_distance": math.nan, "snr_db": row.snr_l0} for row in evals.itertuples()]
+             "mel_distance": math.nan, "snr_db": row.snr_l0, "model": DEFAULT_MODEL,
+             "train_steps": int(table.step.max()), "init": FIRST_BATCH} for row in evals.itertuples()]
 
 
 def scale_rows(scale_dir: Path) -> list[dict]:
@@ -191,8 +210,7 @@ def validation_curves_of(results: str | Path, scale: str, regime: str) -> pd.Dat
     """The validation curves (recipe.curves) of one codec regime's runs of one scale, tagged arm and seed."""
     frames = []
     for run in list_runs(Path(results) / scale, evaluated=True):
-        shape = codec_shape(run)
-        if regime_name("codec", **shape) == regime and run.metrics.is_file():
+        if regime_name("codec", **codec_shape(run), **codec_setting(run)) == regime and run.metrics.is_file():
             frames.append(recipe.curves(read_parquet(run.metrics)).assign(arm=run.arm, seed=run.seed, run=run.name))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -2,7 +2,7 @@
 
 A cell is complete when its record says so, with the same parameters and (for every notebook but the codec runs)
 the same notebook, its report is there and (a codec run) its files check out. Both sides of each comparison are
-made portable first (`portable`): paths under the results folder or the repository are written relative to them,
+made portable first (`portable`): paths under the results, params or repository folders are written relative to them,
 so a clone in any folder, or a results folder moved elsewhere, finds its committed runs complete. What decides is
 `why_stale`: the reason a cell would run, or None. The dry run prints it (`studylib study --dry-run`).
 """
@@ -38,9 +38,10 @@ def _lines(source: str | list[str]) -> list[str]:
 
 
 def portable(value: Any, plan: StudyPlan) -> Any:
-    """`value` (a cell's parameters) with every absolute path under the results folder written `{results}/...`
-    and under the repository `{repo}/...`: what names a cell, wherever the checkout or the results sit."""
-    roots = (("{results}", plan.results.parent), ("{repo}", ROOT))
+    """`value` (a cell's parameters) with every absolute path under the results folder written `{results}/...`,
+    under the params folder `{params}/...` and under the repository `{repo}/...`: what names a cell, wherever the
+    checkout, the params or the results sit."""
+    roots = (("{results}", plan.results.parent), ("{params}", plan.params), ("{repo}", ROOT))
     if isinstance(value, dict):
         return {k: portable(v, plan) for k, v in value.items()}
     if isinstance(value, list):

@@ -15,6 +15,7 @@ from typing import Any
 from studylib.core import config as cfglib
 from studylib.model.codec import EMA_QUANTIZERS
 from studylib.training.baselines import OPUS_BITRATES
+from studylib.training.bounds import check_fits
 from studylib.training.latents import expand_grid
 from studylib.training.manifest import load_manifest
 from studylib.training.run_config import NOT_HASHED, TrainConfig
@@ -68,6 +69,7 @@ class StudyPlan:
     cells: list[Cell]
     selected: set[str]  # names of the cells this invocation runs
     notebooks: Path = ROOT / "notebooks"  # where <cell.notebook>.ipynb is read from
+    params: Path = ROOT / "params"  # the params folder the cells' overlays come from
 
     def folder(self, cell: Cell) -> Path:
         return self.results / cell.name
@@ -291,7 +293,8 @@ def _codec_cell(ctx: PlanContext, where: str, group: dict, arm_file: Path, arm: 
         sets["init_from"] = str((ctx.results / source.name).resolve())
     try:
         cfg = _codec_config(ctx.scale_file, arm_file, sets)
-    except cfglib.ConfigError as e:
+        check_fits(cfg)  # a step that would not fit in memory is refused now, not after the runs before it
+    except cfglib.UserError as e:
         raise StudyError(f"{where} ({arm}, seed {seed}): {e}") from None
     chash = cfglib.config_hash(cfg, exclude=(*NOT_HASHED, "manifest", "seed", "init_from"))
     return Cell(f"runs/{arm}-{chash}-s{seed}", CODEC_NOTEBOOK, {
@@ -429,7 +432,7 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
         raise StudyError(f"scales.{scale}.cell_timeout_s: got {timeout!r}, allowed an integer >= 1 (seconds)")
     return StudyPlan(scale, ctx.results, manifest, settings.get("corpus"), timeout, ctx.cells,
-                     _selected(ctx.cells, only))
+                     _selected(ctx.cells, only), params=params.resolve())
 
 
 def _selected(cells: list[Cell], only: list[str] | None) -> set[str]:

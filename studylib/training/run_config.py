@@ -140,6 +140,8 @@ class TrainConfig(QuantizerFields):
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{field.name}: got {value!r}, allowed a finite number"
                                  + (" > 0" if field.name in positive else ""))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed: got {self.seed!r}, allowed an integer >= 0")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, allowed a value > 0")

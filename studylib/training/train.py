@@ -43,6 +43,7 @@ from studylib.model.codec import EMA_QUANTIZERS, Codec
 from studylib.model.discriminator import MultiScaleSTFTDiscriminator, discriminator_step_loss, generator_losses
 from studylib.model.losses import Balancer, MultiScaleMelLoss, neg_si_sdr
 from studylib.quantizers.ema import NonFiniteError
+from studylib.training import bounds
 from studylib.training.data import AudioDataset, BadAudio, NonFiniteAudio
 from studylib.training.run_config import NOT_HASHED, TrainConfig
 from studylib.training.run_folder import (
@@ -229,6 +230,8 @@ def train(cfg: TrainConfig) -> TrainOutcome:
     another config or that would run code, and device cuda without a CUDA device. A full disk mid-run is a
     WriteError (status failed); Ctrl-C or SIGTERM leaves the run `interrupted`, resumable from its checkpoint."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    bounds.check_inputs(cfg)  # before any folder, lock or memory: one line naming the key
+    bounds.check_fits(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device: got 'cuda', but torch sees no CUDA device on this machine; use auto or cpu")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -595,8 +598,10 @@ def like_overlay(run: str | None, sets: list[str]) -> list[dict[str, Any]]:
     new one must be set: training into RUN would overwrite its committed tables."""
     if run is None:
         return []
+    if not Path(run).is_dir():
+        raise UserError(f"--like: {run} is not a run folder; give the folder of a finished run")
     found = read_manifest(run)
-    if not found or not isinstance(found.get("config"), dict):
+    if not isinstance(found, dict) or not isinstance(found.get("config"), dict):
         raise UserError(f"--like: {Path(run) / 'manifest.json'} does not exist or holds no config")
     new_dir = dict(cfglib.parse_set(s) for s in sets).get("run_dir")
     if new_dir is None or Path(new_dir).resolve() == Path(run).resolve():
