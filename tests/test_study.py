@@ -463,3 +463,18 @@ def test_the_regimes_scale_plans_its_groups_the_fine_tuning_source_first_and_the
 def test_regimes_scale_errors_name_the_group_or_the_key(tmp_path, edit, message):
     with pytest.raises(plans.StudyError, match=re.escape(message)):
         plans.plan_study("regimes", params=_params_copy(tmp_path, edit))
+
+
+def test_only_a_notebook_on_a_fresh_results_folder_says_which_runs_the_aggregations_need(tmp_path, capsys):
+    """Issue 36: `--only 01_bug_anatomy` (or one arm) on an empty results folder: the aggregations (04, 07, 08) are
+    skipped with one line naming what to run first, instead of failing inside their notebooks."""
+    plan = plans.plan_study("smoke", results=tmp_path, only=["01_bug_anatomy"])
+    outcome = runner.Outcome()
+    schedule = runner.Schedule.of(plan, outcome, jobs=1, gpus=None)
+    assert [c.name for c in schedule.todo] == ["01_bug_anatomy", "04_compare", "07_long_horizon", "08_regimes"]
+    outcome.statuses["01_bug_anatomy"] = "complete"
+    reasons = {c.name: schedule.blocked(c) for c in schedule.todo[1:]}
+    assert reasons["04_compare"].startswith("no codec run it reports on is complete yet: run them first (e.g. "
+                                            "--only runs/")
+    source = next(c for c in plan.cells if c.notebook == "08_regimes").requires[0]
+    assert reasons["08_regimes"] == f"needs {source}, which is not selected: run it first (--only {source})"

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from studylib.core import config as cfglib
 from studylib.study import plan as plans
 from studylib.study import runner
 
@@ -87,7 +88,38 @@ def test_a_cell_parameter_its_notebook_lacks_is_refused(tmp_path):
     nb.cells = [params]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "nb.ipynb")
-    plans._check_cells_against_notebooks([plans.Cell("a", "nb", {"out_dir": "x", "steps": 1, "progress": False})],
+    plans._check_cells_against_notebooks("t", [plans.Cell("a", "nb", {"out_dir": "x", "steps": 1, "progress": False})],
                                          tmp_path)  # the runner's common keys may be left out
     with pytest.raises(plans.StudyError, match="b: nb has no parameter 'stepz'; its parameters: out_dir, steps"):
-        plans._check_cells_against_notebooks([plans.Cell("b", "nb", {"stepz": 1})], tmp_path)
+        plans._check_cells_against_notebooks("t", [plans.Cell("b", "nb", {"stepz": 1})], tmp_path)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("compare: {focus_kbps: 1.5}", "compare: {focus_kbps: abc}",
+     "scales.smoke.compare.focus_kbps: got 'abc', allowed a number >= 0"),
+    ("anatomy: {steps: 8}", "anatomy: {steps: -5}", "scales.smoke.anatomy.steps: got -5, allowed an integer >= 0"),
+    ("evaluate: {per_kind: 3,", "evaluate: {per_kind: -3,",
+     "scales.smoke.codec.evaluate.per_kind: got -3, allowed an integer >= 1"),
+    ("seconds: 2.0}", "seconds: -2.0}", "scales.smoke.codec.evaluate.seconds: got -2.0, allowed a number in [0.1, 60]"),
+    ("compare: {focus_kbps: 1.5}", "compare: {focus_kbps: 1.5, opus_bitrates: abc}",
+     "scales.smoke.compare.opus_bitrates: got 'abc', allowed a non-empty list of kbps in [0.5, 256.0]"),
+    ("audit: {arms: [upstream, fixed_rel]}", "audit: {arms: [upstream, fixed_rel], threshold: .nan}",
+     "scales.smoke.audit.threshold: got nan, allowed a number >= 0"),
+])
+def test_a_value_a_notebook_would_choke_on_is_refused_before_anything_runs(tmp_path, old, new, message):
+    """Issue 36: the notebooks' parameters cells are the schema of every value the runner hands them."""
+    params = tmp_path / "params"
+    shutil.copytree(ROOT / "params", params)
+    text = (params / "study.yaml").read_text()
+    assert old in text
+    (params / "study.yaml").write_text(text.replace(old, new, 1))
+    with pytest.raises(plans.StudyError, match=re.escape(message)):
+        plans.plan_study("smoke", params=params)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    rows = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    (tmp_path / "bomb.yaml").write_text("\n".join(rows) + "\n")
+    with pytest.raises(cfglib.ConfigError, match="its YAML aliases expand it to over 1,000,000 values"):
+        cfglib.read_overlay(tmp_path / "bomb.yaml")

@@ -152,7 +152,13 @@ def paired_differences(summary: pd.DataFrame, scale: str, focus_kbps: float = 6.
             gap = stats.paired(other, base, column, seeds, ratio=True)
             row[f"r_{column}"], row[f"r_{column}_ci95"] = gap.diff, gap.ci95
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=_paired_columns(ratios))  # no other arm: an empty table, with its header
+
+
+def _paired_columns(ratios: tuple[str, ...] = ()) -> list[str]:
+    return ["arm", "baseline", "paired_seeds", *(f"{p}{m}{s}" for m, _, _ in HEADLINE_METRICS for p, s in
+                                                 (("d_", ""), ("d_", "_ci95"))),
+            *(f"r_{c}{s}" for c in ratios for s in ("", "_ci95"))]
 
 
 def alternatives(summary: pd.DataFrame, scale: str, arms: tuple[str, ...] = ALTERNATIVES,
@@ -169,7 +175,8 @@ def alternatives(summary: pd.DataFrame, scale: str, arms: tuple[str, ...] = ALTE
             diffs = paired_differences(summary, scale, kbps, baseline, ratios=("train_minutes",))
             frames.append(diffs[diffs.arm.isin(arms)].assign(kbps=kbps))
     frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    columns = [*_paired_columns(("train_minutes",)), "kbps"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def _reading(d: float, half: float, higher_is_better: bool) -> str:
@@ -232,7 +239,8 @@ def paired_over_steps(summary: pd.DataFrame, scale: str, arm: str = "fixed_rel",
             rows.append({"scale": scale, "arm": arm, "baseline": baseline, "steps": int(steps),
                          "bandwidth_kbps": float(bw), "metric": metric, "diff": gap.diff, "ci95": gap.ci95,
                          "paired_seeds": gap.n})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["scale", "arm", "baseline", "steps", "bandwidth_kbps", "metric", "diff", "ci95",
+                                       "paired_seeds"])
 
 
 def headline_markdown(summary: pd.DataFrame, scales: tuple[str, ...] = HEADLINE_SCALES,

@@ -48,9 +48,7 @@ def gains(curves: pd.DataFrame, window: int = 500, metric: str = "si_sdr") -> pd
             if end - window in by_step.index:
                 rows.append({"arm": arm, "seed": seed, "to_step": int(end),
                              "gain": float(by_step[end] - by_step[end - window])})
-    per_seed = pd.DataFrame(rows)
-    if per_seed.empty:
-        return per_seed
+    per_seed = pd.DataFrame(rows, columns=["arm", "seed", "to_step", "gain"])  # empty: still the header
     return stats.seed_summary(per_seed, ["arm", "to_step"], ["gain"]).rename(columns={"mean": f"{metric}_gain"})
 
 

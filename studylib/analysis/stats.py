@@ -38,7 +38,7 @@ def seed_summary(frame: pd.DataFrame, by: Sequence[str], values: Sequence[str], 
             mean, half = t_ci95(group[metric].tolist())
             rows.append({**dict(zip(by, key)), "metric": metric, "mean": mean, "ci95": half,
                          "n_seeds": int(group[metric].notna().sum())})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*by, "metric", "mean", "ci95", "n_seeds"])  # an empty table keeps its header
 
 
 @dataclass(frozen=True)

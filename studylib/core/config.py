@@ -71,12 +71,35 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"config field {key} has an unsupported annotation {annotation}")
 
 
+MAX_NODES = 1_000_000  # values a params file may expand to: a "billion laughs" file (9^9 items by aliases) hangs
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing a document whose aliases would expand it past MAX_NODES values (counted on the
+    composed node graph, where an alias is one shared node: nothing is expanded to count it)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) not in sizes:
+            sizes[id(n)] = 1  # a recursive alias counts once (safe_load refuses it anyway)
+            children = [v for pair in n.value for v in pair] if isinstance(n, yaml.MappingNode) else \
+                n.value if isinstance(n, yaml.SequenceNode) else []
+            sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_NODES + 1)
+        return sizes[id(n)]
+
+    if node is not None and (count := size(node)) > MAX_NODES:
+        raise ConfigError(f"{where}: its YAML aliases expand it to over {MAX_NODES:,} values (got {count:,}+); "
+                          "a params file that large is refused")
+    return yaml.safe_load(text)
+
+
 def read_overlay(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _safe_yaml(path.read_text(), str(path)) or {}
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the params file ({_reason(e)})") from None
     except yaml.YAMLError as e:
@@ -92,7 +115,7 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set {assignment!r}: expected key=value")
     try:
-        return key.strip(), yaml.safe_load(raw)
+        return key.strip(), _safe_yaml(raw, f"--set {key.strip()}")
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
 

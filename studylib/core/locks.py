@@ -98,22 +98,35 @@ def _create(path: Path, record: dict) -> bool:
             tmp.unlink(missing_ok=True)
 
 
+def token_of(path: Path) -> str | None:
+    """The token of the lock file `path` (None without a readable one)."""
+    token = (_read(path) or {}).get("token")
+    return token if isinstance(token, str) and token else None
+
+
 @contextlib.contextmanager
-def hold_lock(folder: str | Path, what: str) -> Iterator[Path]:
+def hold_lock(folder: str | Path, what: str, mark: bool = True) -> Iterator[Path]:
     """Hold `<folder>/.lock` for the duration (creating `folder`); `what` names the command in messages.
 
     Raises LockedError (one line naming the PID) if a live process holds it, UserError if the folder cannot
-    be written. A stale lock is taken over with one line on stderr."""
+    be written. A stale lock is taken over with one line on stderr. A lock held by an ancestor of this process
+    (its token in this environment: the study runner holding a run folder while its notebook trains and evaluates
+    there) is the caller's own: it goes on under it, and leaves it to its holder. `mark`: put the token in this
+    process's environment for the duration (off where threads share it: the caller passes it to its children)."""
     folder = Path(folder)
     path = folder / LOCK_NAME
     token = uuid.uuid4().hex
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now(UTC).isoformat(),
               "proc_start": _proc_start(os.getpid()), "command": what, "token": token}
+    inherited = False
     try:
         folder.mkdir(parents=True, exist_ok=True)
         while True:
             # Read before writing anything: a refused second holder leaves the folder untouched.
             owner = _read(path)
+            if owner is not None and owner.get("token") in os.environ.get(processes.ENV, "").split():
+                inherited = True  # held for us by the process that started us
+                break
             if owner is not None:
                 if live := _alive(owner):
                     raise LockedError(_in_use(folder, path, owner, live))
@@ -124,8 +137,11 @@ def hold_lock(folder: str | Path, what: str) -> Iterator[Path]:
                 break
     except OSError as e:
         raise UserError(f"{folder}: cannot write there ({e.strerror or e}); choose a writable folder") from None
+    if inherited:
+        yield path
+        return
     try:
-        with processes.marked(token):
+        with processes.marked(token) if mark else contextlib.nullcontext():
             yield path
     finally:
         if (_read(path) or {}).get("pid") == os.getpid():

@@ -116,17 +116,22 @@ def run_problems(folder: Path, config_hash: str | None = None) -> dict[str, str]
     TrainConfig hash, when given), a `latents.pt` that does not load. A checkpoint may be absent: they stay out
     of git. RefusedFile if a checkpoint or latents file would run code: that is not damage to repair."""
     problems = {}
-    for name in (RunFolder.CELL, RunFolder.MANIFEST):
+    records = {path.name for path in folder.glob("*.json")} | {RunFolder.CELL, RunFolder.MANIFEST}
+    for name in sorted(records):  # every record a run keeps: evaluation settings, summary.json...
         try:
-            read_json(folder / name)
+            found = read_json(folder / name)
+            if found is not None and not isinstance(found, dict):
+                problems[name] = f"{folder / name}: holds a {type(found).__name__}, not a record (a JSON object)"
         except DamagedFile as e:
             problems[name] = str(e)
-    for name in RunFolder.TABLES:
+    tables = {path.name for path in folder.glob("*.parquet")} | set(RunFolder.TABLES)
+    for name in sorted(tables):  # every table: the run's, its evaluation's and its milestones'
         try:
             read_parquet(folder / name)
         except DamagedFile as e:
             problems[name] = str(e)
-    for name, what in ((RunFolder.CHECKPOINT, "checkpoint"), (RunFolder.LATENTS, "latents file")):
+    checkpoints = [(path.name, "checkpoint") for path in sorted(folder.glob("checkpoint_step*.pt"))]
+    for name, what in ((RunFolder.CHECKPOINT, "checkpoint"), (RunFolder.LATENTS, "latents file"), *checkpoints):
         if (folder / name).is_file():
             try:  # tensors stay on disk: the check reads the structure and the stored config
                 found = read_torch(folder / name, what=what, mmap=True)

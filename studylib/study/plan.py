@@ -7,6 +7,9 @@ calls them in order, each adding its cells to a `PlanContext`. A codec run (03) 
 
 from __future__ import annotations
 
+import ast
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 from studylib.core import config as cfglib
 from studylib.model.codec import EMA_QUANTIZERS
-from studylib.training.baselines import OPUS_BITRATES
+from studylib.training.baselines import OPUS_BITRATES, OPUS_MAX_KBPS, OPUS_MIN_KBPS
 from studylib.training.bounds import check_fits
 from studylib.training.latents import expand_grid
 from studylib.training.manifest import load_manifest
@@ -56,6 +59,7 @@ class Cell:
     seed: int | None = None
     gpus: int = 0  # GPUs it takes when the runner dispatches over --gpus
     always: bool = False  # re-run even when complete (aggregations over what is on disk)
+    requires: tuple[str, ...] = ()  # cells an aggregation cannot do without (08: the run whose latents it maps)
 
 
 
@@ -108,12 +112,7 @@ def load_study(path: str | Path, scale: str) -> dict:
 
 def notebook_parameters(path: Path) -> tuple[str, ...]:
     """The names of a notebook's `parameters` cell, as papermill reads them (what it can inject)."""
-    import logging
-
-    import papermill
-
-    logging.getLogger("papermill").setLevel(logging.ERROR)  # its parser's warnings are not the user's error
-    return tuple(papermill.inspect_notebook(str(path)))
+    return tuple(notebook_defaults(path))
 
 
 
@@ -192,18 +191,99 @@ def check_notebook_blocks(scale: str, settings: dict, notebooks: Path = ROOT / "
             _check_keys(f"scales.{scale}.{p.block}", settings[p.block] or {}, allowed)
 
 
-def _check_cells_against_notebooks(cells: list[Cell], notebooks: Path) -> None:
+def _check_cells_against_notebooks(scale: str, cells: list[Cell], notebooks: Path) -> None:
     """Every parameter the runner hands a notebook, but the common ones (`RUNNER_KEYS`, which a notebook may
-    leave out), is one of its parameters: the runner and the notebooks agree."""
-    known: dict[str, tuple[str, ...]] = {}
+    leave out), is one of its parameters, of the type and range its parameters cell gives (`check_value`): the
+    runner and the notebooks agree before anything runs."""
     for cell in cells:
-        if cell.notebook not in known:
-            known[cell.notebook] = notebook_parameters(notebooks / f"{cell.notebook}.ipynb")
-        unknown = sorted(set(cell.parameters) - set(known[cell.notebook]) - set(RUNNER_KEYS))
+        defaults = notebook_defaults(notebooks / f"{cell.notebook}.ipynb")
+        unknown = sorted(set(cell.parameters) - set(defaults) - set(RUNNER_KEYS))
         if unknown:
             raise StudyError(f"{cell.name}: {cell.notebook} has no parameter {unknown[0]!r}; its parameters: "
-                             f"{', '.join(known[cell.notebook])}")
+                             f"{', '.join(defaults)}")
+        block = PLANNERS[cell.notebook].block if cell.notebook in PLANNERS else None
+        for key, value in cell.parameters.items():
+            if key in defaults and key not in RUNNER_KEYS + CHECKED_ELSEWHERE:
+                where = f"scales.{scale}.{SOURCE_BLOCK.get(key, block or 'codec')}.{key}"
+                check_value(where, value, defaults[key])
 
+
+# validated as TrainConfigs / quantizer grids by their planners, or written by the planners themselves
+CHECKED_ELSEWHERE = ("params", "overrides", "variants", "base", "grid", "chosen_runs", "runs", "source_run",
+                     "arms_dir", "official", "nproc_per_node")
+NO_DEFAULT = object()
+SOURCE_BLOCK = {"evaluate": "codec", "opus_bitrates": "compare"}  # the block of study.yaml a shared value comes from
+
+
+@functools.lru_cache(maxsize=16)
+def notebook_defaults(path: Path) -> dict[str, Any]:
+    """A notebook's parameters cell as name -> default value (NO_DEFAULT where it is not a literal): the schema of
+    what the runner may hand it."""
+    import logging
+
+    import papermill
+
+    logging.getLogger("papermill").setLevel(logging.ERROR)  # its parser's warnings are not the user's error
+    found = {}
+    for name, info in papermill.inspect_notebook(str(path)).items():
+        try:
+            found[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError, TypeError):
+            found[name] = NO_DEFAULT
+    return found
+
+
+# keyword arguments of `studylib.training.evaluate.evaluate` a scale may set (`evaluate` blocks): (kind, minimum)
+EVALUATE_ARGS = {"per_kind": ("int", 1), "visqol_items": ("int", 0), "seconds": ("number", 0.1),
+                 "examples_per_kind": ("int", 0), "batch_size": ("int", 1)}
+MAX_EVAL_SECONDS = 60.0  # a test window longer than this is a typo (the corpus' segments are ~10 s)
+
+
+def check_value(where: str, value: Any, default: Any) -> None:
+    """StudyError unless `value` has the type of the notebook's `default` (int, number, bool, str, list, dict), in
+    range (counts and amounts >= 0, finite), and an `evaluate` block holds only `evaluate`'s keyword arguments."""
+    if where.endswith(".evaluate"):
+        _check_evaluate(where, value)
+    elif where.endswith(".opus_bitrates"):
+        if not isinstance(value, list) or not value or not all(_number(v) for v in value) or \
+                not all(OPUS_MIN_KBPS <= v <= OPUS_MAX_KBPS for v in value):
+            raise StudyError(f"{where}: got {value!r}, allowed a non-empty list of kbps in [{OPUS_MIN_KBPS}, "
+                             f"{OPUS_MAX_KBPS}] (opusenc's range)")
+    elif default is NO_DEFAULT or default is None:
+        if value is not None and default is None and not _number(value) and not isinstance(value, str):
+            raise StudyError(f"{where}: got {value!r}, allowed null, a number or a string")
+    elif isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise StudyError(f"{where}: got {value!r}, allowed true or false")
+    elif isinstance(default, int | float):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        if not (_number(value) and (isinstance(value, int) or isinstance(default, float))) or value < 0:
+            raise StudyError(f"{where}: got {value!r}, allowed {kind} >= 0")
+    elif isinstance(default, str | list | dict) and not isinstance(value, type(default)):
+        raise StudyError(f"{where}: got {value!r}, allowed a {type(default).__name__}")
+    elif isinstance(default, list) and default and _number(default[0]) and \
+            not all(_number(v) and v >= 0 for v in value):
+        raise StudyError(f"{where}: got {value!r}, allowed a list of numbers >= 0")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_evaluate(where: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise StudyError(f"{where}: got {value!r}, allowed a mapping of {', '.join(EVALUATE_ARGS)}")
+    for key, arg in value.items():
+        if key not in EVALUATE_ARGS:
+            raise StudyError(f"{where}.{key}: unknown key; allowed keys: {', '.join(EVALUATE_ARGS)}")
+        kind, low = EVALUATE_ARGS[key]
+        if kind == "int":
+            ok = isinstance(arg, int) and not isinstance(arg, bool) and arg >= low
+        else:
+            ok = _number(arg) and low <= arg <= MAX_EVAL_SECONDS
+        if not ok:
+            allowed = f"an integer >= {low}" if kind == "int" else f"a number in [{low}, {MAX_EVAL_SECONDS:g}]"
+            raise StudyError(f"{where}.{key}: got {arg!r}, allowed {allowed}")
 
 
 def _codec_groups(scale: str, codec: dict) -> list[dict]:
@@ -396,7 +476,7 @@ def _plan_regimes(ctx: PlanContext) -> None:
     _quantizer_grid(ctx, "regimes", r)
     ctx.cells.append(Cell("08_regimes", "08_regimes", {
         **r, "source_run": source.name, "arms_dir": str((ctx.params / "arms").resolve()),
-    }, needs=ctx.codec_cells(), always=True))
+    }, needs=ctx.codec_cells(), always=True, requires=(source.name,)))
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -427,7 +507,7 @@ def plan_study(scale: str, results: str | Path = "results", params: str | Path =
     common = {"manifest": str(manifest.resolve()), "results_dir": str(ctx.results), "progress": False}
     for cell in ctx.cells:
         cell.parameters = {**cell.parameters, **common, "out_dir": str(ctx.results / cell.name)}
-    _check_cells_against_notebooks(ctx.cells, ROOT / "notebooks")
+    _check_cells_against_notebooks(scale, ctx.cells, ROOT / "notebooks")
     timeout = settings.get("cell_timeout_s", 3600)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
         raise StudyError(f"scales.{scale}.cell_timeout_s: got {timeout!r}, allowed an integer >= 1 (seconds)")

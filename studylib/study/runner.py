@@ -244,12 +244,26 @@ class Schedule:
         """Why `cell` will never start (the disk refused, a cell it needs failed or was skipped), or None."""
         if self.outcome.stopped:
             return f"not started: {self.outcome.stopped}"
-        if cell.always:  # an aggregation: it reports on whatever its needs left on disk
-            return None
+        if cell.always:  # an aggregation: it reports on whatever its needs left on disk, once they are done
+            return self._nothing_to_report(cell)
         for need in cell.needs:
             status = self.outcome.statuses[need]
             if status in ("failed", "skipped", "not selected"):
                 return f"needs {need}, which is {status}"
+        return None
+
+    def _nothing_to_report(self, cell: Cell) -> str | None:
+        """Why an aggregation whose needs are all done cannot run: a run it requires, or every codec run it
+        reports on, is not complete (e.g. `--only NOTEBOOK` on a fresh results folder). None otherwise."""
+        statuses = self.outcome.statuses
+        if not all(statuses[n] in FINAL for n in cell.needs):
+            return None
+        for name in cell.requires:
+            if statuses[name] != "complete":
+                return f"needs {name}, which is {statuses[name]}: run it first (--only {name})"
+        codec = [n for n in cell.needs if n.startswith("runs/")]
+        if codec and not any(statuses[n] == "complete" for n in codec):
+            return f"no codec run it reports on is complete yet: run them first (e.g. --only {codec[0]})"
         return None
 
     def ready(self, cell: Cell, running: int) -> list[int] | None:

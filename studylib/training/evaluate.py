@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from studylib.model.codec import SAMPLE_RATE, Codec
 from studylib.training import baselines
 from studylib.training.data import AudioDataset
 from studylib.training.manifest import SPLITS, load_manifest
-from studylib.training.run_folder import load_checkpoint
+from studylib.training.run_folder import RunFolder, load_checkpoint
 
 EXAMPLE_BANDWIDTHS = (1.5, 6.0, 24.0)
 MILESTONE_BANDWIDTHS = (1.5, 6.0, 24.0)  # kbps at which milestone checkpoints are scored
@@ -174,6 +175,43 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
     return result
 
 
+def evaluation_files(run_dir: str | Path, split: str = "test", suffix: str = "") -> tuple[Path, ...]:
+    """The files one evaluation writes: items, levels, frequency tables and its settings."""
+    stem = Path(run_dir) / f"eval_{split}{suffix}"
+    return (stem.with_name(stem.name + ".parquet"), stem.with_name(stem.name + "_levels.parquet"),
+            stem.with_name(stem.name + "_frequency.parquet"), stem.with_name(stem.name + ".json"))
+
+
+def evaluation_current(run_dir: str | Path, checkpoint: Path, split: str = "test", suffix: str = "") -> bool:
+    """Whether the evaluation of `checkpoint` in `run_dir` is whole and newer than it: every file of it there and
+    readable. A damaged one is moved aside (`<name>.damaged`, a warning naming it), so that it is made again."""
+    current = True
+    for path in evaluation_files(run_dir, split, suffix):
+        if not path.is_file():
+            current = False
+            continue
+        try:
+            found = read_json(path) if path.suffix == ".json" else read_parquet(path)
+            if not isinstance(found, dict | pd.DataFrame):
+                raise DamagedFile(f"{path}: holds a {type(found).__name__}, not an evaluation record")
+            if checkpoint.is_file() and path.stat().st_mtime < checkpoint.stat().st_mtime:
+                current = False
+        except DamagedFile as e:
+            os.replace(path, path.with_name(path.name + ".damaged"))
+            warn(f"{e}; moved aside to {path.name}.damaged, evaluated again")
+            current = False
+    return current
+
+
+def evaluate_once(run_dir: str | Path, split: str = "test", **kwargs) -> pd.DataFrame:
+    """The items table of a run folder's final checkpoint on `split`: read back when its evaluation is whole and
+    current (`evaluation_current`), computed (`evaluate`) otherwise."""
+    run_dir = Path(run_dir)
+    if evaluation_current(run_dir, run_dir / RunFolder.CHECKPOINT, split):
+        return read_parquet(evaluation_files(run_dir, split)[0])
+    return evaluate(run_dir, split, **kwargs).items
+
+
 def evaluate_milestones(run_dir: str | Path, manifest: str | Path | None = None, per_kind: int | None = None,
                         seconds: float = 5.0, progress: bool = True) -> list[int]:
     """Evaluate each milestone checkpoint of a run (checkpoint_step<N>.pt, `TrainConfig.milestones`) that has no
@@ -184,8 +222,7 @@ def evaluate_milestones(run_dir: str | Path, manifest: str | Path | None = None,
     steps = []
     for step, path in sorted(milestone_checkpoints(run_dir).items()):
         steps.append(step)
-        done = run_dir / f"eval_test_step{step}_levels.parquet"
-        if done.is_file() and done.stat().st_mtime >= path.stat().st_mtime:
+        if evaluation_current(run_dir, path, "test", f"_step{step}"):
             continue
         codec, cfg, _ = load_checkpoint(path)
         bandwidths = tuple(b for b in MILESTONE_BANDWIDTHS if b in codec.config.target_bandwidths)
