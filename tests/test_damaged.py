@@ -98,3 +98,12 @@ def test_a_run_folder_the_runner_holds_refuses_another_writer_but_not_the_runner
             assert inner == lock and lock.read_text() == before
         assert lock.read_text() == before  # left to its holder
     assert not lock.exists()
+
+
+def test_a_manifest_with_negative_seconds_is_one_line(tmp_path):
+    from studylib.training.manifest import COLUMNS, ManifestError, load_manifest
+
+    rows = [["a.flac", "train", "speech", "g", "s", "MIT", "10.0"], ["b.flac", "test", "speech", "h", "s", "MIT", "-3"]]
+    (tmp_path / "manifest.csv").write_text("\n".join([",".join(COLUMNS), *(",".join(r) for r in rows)]) + "\n")
+    with pytest.raises(ManifestError, match=r"b\.flac has seconds -3\.0, allowed a number > 0 \(1 such row"):
+        load_manifest(tmp_path / "manifest.csv")

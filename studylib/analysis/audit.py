@@ -29,6 +29,7 @@ import pandas as pd
 import soundfile as sf
 import torch
 
+from studylib.core.config import check_option
 from studylib.core.storage import UnreadableCheckpoint, atomic_write
 from studylib.model.codec import EMA_QUANTIZERS, Codec, CodecConfig
 from studylib.model.metrics import utilization
@@ -250,6 +251,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--out", help="write the table as CSV (usage columns prefixed eval_)")
     args = parser.parse_args(argv)
     try:
+        check_option("--bandwidth", args.bandwidth, 0, low_open=True)
+        check_option("--threshold", args.threshold, 0)
+        check_option("--frames-per-step", args.frames_per_step, 1, integer=True)
         report = audit(args.checkpoint, args.manifest, args.split, args.bandwidth, args.threshold,
                        args.frames_per_step)
     except (FileNotFoundError, ValueError, CorpusError) as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -173,3 +174,19 @@ def config_hash(config: Any, exclude: tuple[str, ...] = ()) -> str:
 def check_choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{key}: got {value!r}, allowed {allowed}")
+
+
+def check_option(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False,
+                 low_open: bool = False) -> None:
+    """A command-line option's value in range: UserError naming the option and what is allowed otherwise (None,
+    an option left out, passes). NaN and infinities are refused, as every non-number."""
+    if value is None:
+        return
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = number and (not integer or float(value).is_integer()) and (value > low if low_open else value >= low) \
+        and value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        allowed = f"{kind} {bound}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+        raise UserError(f"{name}: got {value!r}, allowed {allowed}")

@@ -38,7 +38,7 @@ import soxr
 from tqdm import tqdm
 
 from studylib.core import processes
-from studylib.core.config import UserError
+from studylib.core.config import UserError, check_option
 from studylib.core.storage import atomic_write, warn
 from studylib.model.codec import SAMPLE_RATE
 from studylib.training.manifest import (
@@ -288,7 +288,8 @@ def cli(argv: list[str]) -> int:
     if profile is None:
         parser.error(f"--profile is required: one of {', '.join(PROFILES)} (or pass --audio-dir)")
     try:
-        build_corpus(profile, args.out, args.audio_dir, kind=args.kind, jobs=max(1, args.jobs))
+        check_option("--jobs", args.jobs, 1, integer=True)
+        build_corpus(profile, args.out, args.audio_dir, kind=args.kind, jobs=args.jobs)
     except (CorpusError, UserError) as error:
         print(f"studylib corpus: error: {error}", file=sys.stderr)
         return 2
@@ -509,7 +510,11 @@ def _fetch(package: str, cache: Path) -> tuple[Path | None, int]:
     unpacked.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=unpacked.parent, prefix=".unpacking-"))
     try:
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
+        done = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True, text=True)
+        if done.returncode:  # a full disk, most often: one line naming the package and the folder, not a traceback
+            reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            raise CorpusError(f"{package}: dpkg-deb could not unpack it into {unpacked.parent} ({reason}); "
+                              "free some space there or choose another --out")
         os.replace(tmp, unpacked)  # whole or not at all: an interrupted unpack is never reused
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

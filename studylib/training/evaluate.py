@@ -27,7 +27,7 @@ import soundfile as sf
 import torch
 from tqdm.auto import tqdm
 
-from studylib.core.config import UserError
+from studylib.core.config import UserError, check_option
 from studylib.core.storage import (
     DamagedFile,
     atomic_write,
@@ -46,6 +46,7 @@ from studylib.training.manifest import SPLITS, load_manifest
 from studylib.training.run_folder import RunFolder, load_checkpoint
 
 EXAMPLE_BANDWIDTHS = (1.5, 6.0, 24.0)
+MAX_SECONDS = 60.0  # a test window: the corpus' segments are ~10 s; longer is a typo, not a setting
 MILESTONE_BANDWIDTHS = (1.5, 6.0, 24.0)  # kbps at which milestone checkpoints are scored
 
 
@@ -349,6 +350,11 @@ def cli(argv: list[str]) -> int:
                         help="replace an evaluation made with other settings (e.g. the study's)")
     args = parser.parse_args(argv)
     try:
+        check_option("--seconds", args.seconds, 0, MAX_SECONDS, low_open=True)
+        check_option("--visqol-items", args.visqol_items, 0, integer=True)
+        check_option("--per-kind", args.per_kind, 1, integer=True)
+        for kbps in args.bandwidths or ():
+            check_option("--bandwidths", kbps, 0, low_open=True)
         result = evaluate(args.run, args.split, tuple(args.bandwidths) if args.bandwidths else None,
                           seconds=args.seconds, visqol_items=args.visqol_items, per_kind=args.per_kind,
                           force=args.force)
@@ -368,6 +374,7 @@ def opus_cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     out = args.out or f"results/baselines/opus_{args.split}.parquet"
     try:
+        check_option("--visqol-items", args.visqol_items, 0, integer=True)
         table = evaluate_opus(args.manifest, args.split, visqol_items=args.visqol_items, out=out)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"studylib opus: {e}", file=sys.stderr)
