@@ -37,20 +37,14 @@ class RunRecord:
     problem: str | None = field(default=None, compare=False)  # its cell.json or manifest.json does not read
 
     @property
-    def checkpoint(self) -> Path:
-        return self.folder / RunFolder.CHECKPOINT
+    def files(self) -> RunFolder:
+        """Its files by role (the names are RunFolder's)."""
+        return RunFolder(self.folder)
 
-    @property
-    def metrics(self) -> Path:
-        return self.folder / RunFolder.METRICS
-
-    @property
-    def eval_items(self) -> Path:
-        return self.folder / RunFolder.EVAL_ITEMS
-
-    @property
-    def eval_levels(self) -> Path:
-        return self.folder / RunFolder.EVAL_LEVELS
+    checkpoint = property(lambda self: self.files.checkpoint)
+    metrics = property(lambda self: self.files.metrics)
+    eval_items = property(lambda self: self.files.eval_items)
+    eval_levels = property(lambda self: self.files.eval_levels)
 
     @property
     def milestone_evals(self) -> dict[int, tuple[Path, Path]]:

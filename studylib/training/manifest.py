@@ -73,8 +73,8 @@ def load_manifest(path: str | Path, check_files: bool = False) -> pd.DataFrame:
         raise ManifestError(f"{path}: split {unknown[0]!r} unknown; allowed {', '.join(SPLITS)}")
     bad = frame[~(np.isfinite(frame["seconds"]) & (frame["seconds"] > 0))]
     if len(bad):
-        raise ManifestError(f"{path}: {bad.path.iloc[0]} has seconds {float(bad.seconds.iloc[0])!r}, allowed a number > 0"
-                            f" ({len(bad)} such row(s))")
+        raise ManifestError(f"{path}: {bad.path.iloc[0]} has seconds {float(bad.seconds.iloc[0])!r}, allowed a "
+                            f"number > 0 ({len(bad)} such row(s))")
     if check_files:
         check_audio_files(path, frame)
     return frame
