@@ -406,13 +406,22 @@ def complete_cell(synthetic_manifest, tmp_path_factory):
     return plan, cell
 
 
+def _moved(plan: plans.StudyPlan, cell: plans.Cell, root: Path) -> tuple[plans.StudyPlan, plans.Cell, Path]:
+    """The cell's folder copied into the results folder `root`, and the plan of that one cell there (its paths
+    as `plan_study` gives them): (plan, cell, folder)."""
+    scale = root / plan.scale
+    shutil.copytree(plan.folder(cell), scale / cell.name)
+    moved = plans.Cell(cell.name, cell.notebook, {k: v.replace(str(plan.results), str(scale)) if isinstance(v, str)
+                                                  else v for k, v in cell.parameters.items()},
+                       cell.needs, cell.arm, cell.seed, cell.gpus, cell.always)
+    return plans.StudyPlan(plan.scale, scale, plan.manifest, None, 60, [moved], {moved.name}), moved, scale / cell.name
+
+
 @pytest.mark.parametrize("damage", [None, "metrics.parquet", "eval_test.parquet", "manifest.json", "checkpoint.pt",
                                     "another config", "cell.json"])
 def test_the_runner_takes_a_run_as_complete_only_when_its_files_check_out(damage, complete_cell, tmp_path, capsys):
     plan, cell = complete_cell
-    folder = tmp_path / "results" / cell.name
-    shutil.copytree(plan.folder(cell), folder)
-    plan = plans.StudyPlan(plan.scale, tmp_path / "results", plan.manifest, None, 60, [cell], {cell.name})
+    plan, cell, folder = _moved(plan, cell, tmp_path / "results")
     if damage == "another config":  # the same weights, stored with another seed
         ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
         torch.save(ckpt | {"config": ckpt["config"] | {"seed": 1}}, folder / "checkpoint.pt")
@@ -441,9 +450,7 @@ def test_the_runner_takes_a_run_as_complete_only_when_its_files_check_out(damage
 
 def test_a_crafted_latents_file_stops_the_study_before_anything_runs(complete_cell, tmp_path):
     plan, cell = complete_cell
-    folder = tmp_path / "results" / cell.name
-    shutil.copytree(plan.folder(cell), folder)
-    plan = plans.StudyPlan(plan.scale, tmp_path / "results", plan.manifest, None, 60, [cell], {cell.name})
+    plan, cell, folder = _moved(plan, cell, tmp_path / "results")
     plant(folder / "latents.pt", tmp_path / "ran")
     with pytest.raises(RefusedFile, match=r"latents\.pt: refused: loading it would run code"):
         cells.codec_run_problems(plan)
@@ -625,7 +632,7 @@ def test_a_forked_child_that_inherits_the_sigterm_handler_does_not_raise():
     raising Terminated (which could land inside multiprocessing's shutdown and print a traceback)."""
     script = (
         "import os, signal, time\n"
-        "from studylib import processes\n"
+        "from studylib.core import processes\n"
         "processes.raise_on_sigterm()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
@@ -643,10 +650,8 @@ def test_a_forked_child_that_inherits_the_sigterm_handler_does_not_raise():
 def test_the_study_plan_still_skips_complete_runs_without_checkpoints(complete_cell, tmp_path):
     """Checkpoints stay out of git: a committed run without one is complete (its tables and report are there)."""
     plan, cell = complete_cell
-    folder = tmp_path / "results" / cell.name
-    shutil.copytree(plan.folder(cell), folder)
+    plan, cell, folder = _moved(plan, cell, tmp_path / "results")
     (folder / "checkpoint.pt").unlink()
-    plan = plans.StudyPlan(plan.scale, tmp_path / "results", plan.manifest, None, 60, [cell], {cell.name})
     assert cells.why_stale(plan, cell, cells.codec_run_problems(plan)[cell.name]) is None
 
 
