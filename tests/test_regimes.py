@@ -75,3 +75,36 @@ def test_committed_regime_map_matches_the_runs_it_names():
     codec = committed[(committed.kind == "codec") & (committed.bins == 4096) & (committed.n_q == 1)]
     assert codec.groupby("arm").seed.nunique().to_dict() == {"fixed_rel": 3, "none": 3}
     assert (codec.groupby(["arm", "seed"]).step.max() >= 3000).all()
+
+
+def test_regime_names_keep_their_defaults_and_add_horizon_model_and_init_cure():
+    assert regimes.regime_name("codec", 4096, 1, 600, "trained") == "codec K=4096 x1 600f trained"
+    assert regimes.regime_name("codec", 4096, 1, 600, "trained", train_steps=3000) == "codec K=4096 x1 600f trained"
+    long = regimes.regime_name("codec", 4096, 1, 600, "trained", train_steps=10000)
+    cure = regimes.regime_name("codec", 4096, 1, 600, "trained", init="warm-up 250, k-means on 4800")
+    big = regimes.regime_name("codec", 4096, 1, 600, "trained", model="encodec_24khz")
+    assert [regimes.setting_of(n) for n in (long, cure, big)] == ["10000 steps", "init cure", "encodec_24khz"]
+    assert regimes.regime_name("quantizer", 4096, 1, 600, "frozen", train_steps=10000) == \
+        "quantizer K=4096 x1 600f frozen"
+
+
+def test_which_cure_pairs_every_arm_and_init_with_none_and_fixed_rel_by_seed():
+    from studylib.analysis import findings, stats
+
+    rows = []
+    for arm, init, base in (("none", "first batch", 0.0), ("fixed_rel", "first batch", 2.0),
+                            ("none", "warm-up 250, k-means on 4800", 1.0), ("simvq", "first batch", -3.0)):
+        for seed in (0, 1, 2):
+            rows.append({"scale": "regimes", "arm": arm, "seed": seed, "run": f"{arm}-{init[:4]}-s{seed}", "bins": 4096,
+                         "n_q": 1, "final": True, "bandwidth_kbps": 0.9, "si_sdr_db": base + 0.1 * seed,
+                         "mel_distance": 4.0, "usage": 0.1 + base / 10, "entropy_kbps": 0.7, "model": "small",
+                         "train_steps": 3000, "init": init})
+    rows.append({**rows[0], "train_steps": 10000, "si_sdr_db": 99.0})  # another horizon: left out
+    table = findings.which_cure(pd.DataFrame(rows)).set_index("arm")
+    assert list(table.index) == ["none", "fixed_rel", "none + init cure", "simvq"]
+    assert table.loc["none", "si_sdr_db"] == pytest.approx(0.1)
+    assert table.loc["none + init cure", "vs_none_si_sdr_db"] == pytest.approx(1.0)
+    assert table.loc["none + init cure", "vs_fixed_rel_si_sdr_db"] == pytest.approx(-1.0)
+    assert table.loc["simvq", "vs_fixed_rel_seeds"] == 3
+    assert table.loc["fixed_rel", "si_sdr_db_ci95"] == pytest.approx(stats.t_ci95([2.0, 2.1, 2.2])[1])
+    assert "`none + init cure` | 3 |" in findings.which_cure_markdown(table.reset_index())

@@ -15,6 +15,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from studylib.analysis import anchors, regimes, reports, stats
@@ -378,3 +379,61 @@ def equivalence(baseline: pd.DataFrame, candidate: pd.DataFrame, arms: tuple[str
                              "paired_seeds": len(keys), "tolerance": tol, "within_tolerance": within,
                              "ci_covers_zero": covers, "passes": (within or covers) if tol is not None else None})
     return pd.DataFrame(rows)
+
+
+CURE_METRICS = (("si_sdr_db", "SI-SDR (dB)", 2), ("mel_distance", "mel distance", 3), ("usage", "usage", 2),
+                ("entropy_kbps", "entropy kbps", 3))
+CURE_BASELINES = ("none", "fixed_rel")
+
+
+def cure_label(row: pd.Series) -> str:
+    """A run's arm with its codebook init when that is the init cure (issue 37: 'none + init cure')."""
+    init = row.get("init")
+    return row.arm + (" + init cure" if isinstance(init, str) and init != regimes.FIRST_BATCH else "")
+
+
+def which_cure(summary: pd.DataFrame, scale: str = "regimes", bins: int = 4096, n_q: int = 1,
+               steps: int = 3000) -> pd.DataFrame:
+    """Issue 37's "which cure" table for one large codebook trained with its codec (the `small` model): every arm
+    (and init) of the runs of `steps` steps at its bitrate, mean ± 95 % CI over seeds of SI-SDR, mel distance,
+    usage and entropy, and each paired by seed against `none` and `fixed_rel` (first-batch init)."""
+    at = summary[(summary.scale == scale) & (summary.bins == bins) & (summary.n_q == n_q) & summary.final
+                 & (summary.train_steps == steps) & (summary.model == regimes.DEFAULT_MODEL)]
+    at = at[np.isclose(at.bandwidth_kbps, at.groupby("run").bandwidth_kbps.transform("min"))].copy()
+    at["label"] = at.apply(cure_label, axis=1)
+    rows = []
+    for label, group in at.groupby("label", sort=False):
+        row = {"arm": label, "seeds": int(group.seed.nunique()), "steps": steps}
+        for metric, _, _ in CURE_METRICS:
+            row[metric], row[f"{metric}_ci95"] = stats.t_ci95(group[metric].tolist())
+        for baseline in CURE_BASELINES:
+            base = at[at.label == baseline].set_index("seed")
+            for metric, _, _ in CURE_METRICS:
+                gap = stats.paired(group.set_index("seed"), base, metric)
+                row[f"vs_{baseline}_{metric}"], row[f"vs_{baseline}_{metric}_ci95"] = gap.diff, gap.ci95
+            row[f"vs_{baseline}_seeds"] = gap.n
+        rows.append(row)
+    order = {name: i for i, name in enumerate(["none", "fixed_rel", "none + init cure", "fixed_rel + init cure",
+                                               "dac_commit16", "simvq"])}
+    table = pd.DataFrame(rows)
+    return table.sort_values("arm", key=lambda c: c.map(order).fillna(99)).reset_index(drop=True) if rows else table
+
+
+def which_cure_markdown(table: pd.DataFrame) -> str:
+    """`which_cure` as markdown: each metric as mean ± CI, then the SI-SDR and usage gaps to none and fixed_rel."""
+    if table.empty:
+        return "_No run of this shape yet._"
+    head = ["arm", "seeds", *(label for _, label, _ in CURE_METRICS), "SI-SDR vs none", "SI-SDR vs fixed_rel",
+            "usage vs none", "usage vs fixed_rel"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.to_dict("records"):
+        cells = [f"`{r['arm']}`", str(r["seeds"]),
+                 *(reports.format_ci(r[m], r[f"{m}_ci95"], d) for m, _, d in CURE_METRICS)]
+        for metric in ("si_sdr_db", "usage"):
+            for baseline in CURE_BASELINES:
+                same = r["arm"] == baseline
+                cells.append("–" if same or not r[f"vs_{baseline}_seeds"] else
+                             reports.format_ci(r[f"vs_{baseline}_{metric}"], r[f"vs_{baseline}_{metric}_ci95"],
+                                               2) + f" ({r[f'vs_{baseline}_seeds']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -237,13 +237,20 @@ def decision_table(last: pd.DataFrame, cost_summary: pd.DataFrame | None = None)
                "seeds": int(quality.paired_seeds), "quality": quality.metric, "baseline_quality": quality.baseline_mean,
                "quality_gap": quality["diff"], "quality_ci95": quality.ci95, "usage_gap": usage["diff"],
                "usage_ci95": usage.ci95, "verdict": verdict(quality["diff"], quality.ci95, quality.paired_seeds),
-               "share_saved": np.nan, "share_saved_ci95": np.nan, "saved_at": np.nan}
+               "share_saved": np.nan, "share_saved_ci95": np.nan, "saved_at": np.nan,
+               "setting": setting_of(regime)}
         if cost_summary is not None and len(cost_summary) and regime in set(cost_summary.regime):
             at = cost_summary[cost_summary.regime == regime].sort_values("milestone").iloc[-1]
             row.update(share_saved=at.share_saved, share_saved_ci95=at.share_saved_ci95, saved_at=int(at.milestone))
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["kind", "encoder", "bins", "frames_per_step"]).reset_index(drop=True) \
         if rows else pd.DataFrame(rows)
+
+
+def setting_of(regime: str) -> str:
+    """What a regime's name adds to kind, K, levels, frames and encoder (`regime_name`): '10000 steps', 'init
+    cure', a model preset; '' for the defaults."""
+    return " ".join(regime.split()[5:])
 
 
 def decision_markdown(decision: pd.DataFrame) -> str:
@@ -256,7 +263,37 @@ def decision_markdown(decision: pd.DataFrame) -> str:
         saved = (f"{reports.format_ci(100 * r.share_saved, 100 * r.share_saved_ci95, 0)} % at {r.saved_at:.0f}"
                  if np.isfinite(r.share_saved) else "–")
         what = "SNR" if r.quality == "snr_db" else "SI-SDR"
-        lines.append(f"| {r.kind} | {r.bins} x {r.n_q} | {r.frames_per_step} | {r.encoder} | {r.steps} | {r.seeds} | "
+        kind = f"{r.kind} ({r.setting})" if getattr(r, "setting", "") else r.kind
+        lines.append(f"| {kind} | {r.bins} x {r.n_q} | {r.frames_per_step} | {r.encoder} | {r.steps} | {r.seeds} | "
                      f"{what} {reports.format_ci(r.quality_gap, r.quality_ci95, 2)} | "
                      f"{reports.format_ci(r.usage_gap, r.usage_ci95, 2)} | {saved} | {r.verdict} |")
     return "\n".join(lines)
+
+
+def plot_horizon(table: pd.DataFrame, gaps: pd.DataFrame, regime: str, arm: str = "fixed_rel",
+                 baseline: str = "none"):
+    """One codec regime over training (issue 37: one codebook of 4096 to 10,000 steps): test SI-SDR and usage at
+    every scored step per arm (thin: seeds; thick: mean), and the paired SI-SDR gap `arm` - `baseline` with its
+    95 % interval (none with one seed)."""
+    import matplotlib.pyplot as plt
+
+    rows = table[table.regime == regime]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, metric, label in zip(axes, ("si_sdr_db", "usage"), ("test SI-SDR (dB)", "usage (test windows)")):
+        for name, arm_rows in rows.groupby("arm"):
+            for _, seed_rows in arm_rows.groupby("seed"):
+                ax.plot(seed_rows.step, seed_rows[metric], color=reports.arm_color(name), lw=0.7, alpha=0.5)
+            mean = arm_rows.groupby("step")[metric].mean()
+            ax.plot(mean.index, mean.values, "o-", color=reports.arm_color(name), ms=3, label=name)
+        ax.set(xlabel="step", ylabel=label, title=label)
+        ax.legend()
+    gap = gaps[(gaps.regime == regime) & (gaps.metric == "si_sdr_db")].sort_values("step")
+    axes[2].plot(gap.step, gap["diff"], "o-", color=reports.arm_color(arm))
+    axes[2].fill_between(gap.step, gap["diff"] - gap.ci95.fillna(0), gap["diff"] + gap.ci95.fillna(0),
+                         color=reports.arm_color(arm), alpha=0.2)
+    axes[2].axhline(0, color="grey", lw=0.8, ls=":")
+    seeds = int(gap.paired_seeds.max()) if len(gap) else 0
+    axes[2].set(xlabel="step", ylabel="dB", title=f"SI-SDR {arm} - {baseline}, paired ({seeds} seed(s))")
+    fig.suptitle(regime)
+    fig.tight_layout()
+    return fig
