@@ -107,3 +107,23 @@ def test_a_manifest_with_negative_seconds_is_one_line(tmp_path):
     (tmp_path / "manifest.csv").write_text("\n".join([",".join(COLUMNS), *(",".join(r) for r in rows)]) + "\n")
     with pytest.raises(ManifestError, match=r"b\.flac has seconds -3\.0, allowed a number > 0 \(1 such row"):
         load_manifest(tmp_path / "manifest.csv")
+
+
+@pytest.mark.parametrize("content", [[1], {"step": 3}, b"truncated"])
+def test_a_quantizer_cell_state_of_the_wrong_shape_is_moved_aside_and_the_cell_starts_again(tmp_path, capsys, content):
+    """Issue 36: an 08 (or 02) cell's state file holding a list, missing keys or cut short: one warning naming it,
+    moved aside, and the cell trains from its start (no AttributeError)."""
+    import torch
+
+    from studylib.training.latents import _saved_state
+
+    state = tmp_path / "cell.state.pt"
+    if isinstance(content, bytes):
+        state.write_bytes(content)
+    else:
+        torch.save(content, state)
+    assert _saved_state(state) is None
+    assert not state.exists() and (tmp_path / "cell.state.pt.damaged").is_file()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"warning: {state}") and line.endswith("moved aside to cell.state.pt.damaged, this cell "
+                                                                   "starts again")

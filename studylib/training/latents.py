@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 import sys
 from concurrent.futures import as_completed
 from dataclasses import dataclass
@@ -162,8 +163,8 @@ def train_on_latents(cfg: LatentRunConfig, train: torch.Tensor, evaluate: torch.
     window = torch.arange(cfg.crop_frames)
     held_out = evaluate[: cfg.eval_frames] if evaluate is not None else None
     rows, done = [], 0
-    if state is not None and Path(state).is_file():
-        saved = read_torch(state, what="quantizer run state")
+    saved = _saved_state(Path(state)) if state is not None else None
+    if saved is not None:
         if saved.get("config") == dataclasses.asdict(cfg):
             rvq.load_state_dict(saved["rvq"])
             rvq.load_resume_state(saved["resume"])
@@ -188,6 +189,25 @@ def train_on_latents(cfg: LatentRunConfig, train: torch.Tensor, evaluate: torch.
 
 
 # ------------------------------------------------------------------------------ the quantizer grid
+
+
+STATE_KEYS = ("config", "step", "rows", "rvq", "resume", "draws")
+
+
+def _saved_state(path: Path) -> dict | None:
+    """A quantizer run's saved state, or None if there is none; a damaged one, or one that is not such a state
+    (a list, keys missing), is moved aside with one warning naming it, and the run starts again."""
+    if not path.is_file():
+        return None
+    try:
+        saved = read_torch(path, what="quantizer run state")
+        if not isinstance(saved, dict) or not set(STATE_KEYS) <= set(saved):
+            raise DamagedFile(f"{path}: not a quantizer run state (expected a mapping of {', '.join(STATE_KEYS)})")
+    except DamagedFile as e:
+        os.replace(path, path.with_name(path.name + ".damaged"))
+        warn(f"{e}; moved aside to {path.name}.damaged, this cell starts again")
+        return None
+    return saved
 
 
 @dataclass(frozen=True)
