@@ -5,6 +5,9 @@ counted complete; an empty table keeps its header."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -79,7 +82,7 @@ def test_an_empty_table_keeps_its_header(tmp_path):
     json.dumps(gains.to_dict())  # nothing odd in an empty frame
 
 
-def test_a_run_folder_the_runner_holds_refuses_another_writer_but_not_the_runners_own_children(tmp_path, monkeypatch,
+def test_a_run_folder_the_runner_holds_refuses_another_writer_but_not_the_runners_own_children(tmp_path,
                                                                                             synthetic_manifest):
     """Issue 36: the runner keeps a codec run's folder locked from training to the end of its evaluation; a
     `studylib train` elsewhere is refused, the notebook it started (its token in the environment) goes on under it."""
@@ -93,10 +96,16 @@ def test_a_run_folder_the_runner_holds_refuses_another_writer_but_not_the_runner
         proc = train_cli(SMOKE, sets=[f"manifest={synthetic_manifest}", f"run_dir={folder}"])
         one_line(proc, 2, "train", f"{folder} is in use by PID")
         assert not (folder / RunFolder.MANIFEST).exists()  # the refused writer wrote nothing
-        monkeypatch.setenv(processes.ENV, locks.token_of(lock))
-        with locks.hold_lock(folder, "studylib train") as inner:  # the runner's own child
-            assert inner == lock and lock.read_text() == before
+        child = ("from studylib.core import locks\n"
+                 f"with locks.hold_lock({str(folder)!r}, 'studylib train') as inner:\n"
+                 "    print(inner.read_text())\n")
+        env = {**os.environ, processes.ENV: locks.token_of(lock)}  # the runner's own child carries its token
+        done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == before, done.stderr[-2000:]
         assert lock.read_text() == before  # left to its holder
+        with pytest.raises(locks.LockedError):  # this process is the holder: a second hold here is refused
+            with locks.hold_lock(folder, "studylib train"):
+                pass
     assert not lock.exists()
 
 

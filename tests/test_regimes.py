@@ -72,9 +72,11 @@ def test_committed_regime_map_matches_the_runs_it_names():
     fresh = fresh[fresh.run.isin(set(committed.run))].reset_index(drop=True)
     pd.testing.assert_frame_equal(committed, fresh.astype(committed.dtypes.to_dict()), check_exact=False,
                                   rtol=1e-9)
-    codec = committed[(committed.kind == "codec") & (committed.bins == 4096) & (committed.n_q == 1)]
+    codec = committed[(committed.regime == "codec K=4096 x1 600f trained") & committed.arm.isin(["none", "fixed_rel"])]
     assert codec.groupby("arm").seed.nunique().to_dict() == {"fixed_rel": 3, "none": 3}
     assert (codec.groupby(["arm", "seed"]).step.max() >= 3000).all()
+    longer = committed[committed.regime == "codec K=4096 x1 600f trained 10000 steps"]  # issue 37
+    assert set(longer.arm) <= {"none", "fixed_rel"} and (longer.train_steps == 10000).all()
 
 
 def test_regime_names_keep_their_defaults_and_add_horizon_model_and_init_cure():

@@ -91,6 +91,9 @@ def test_like_trains_a_run_again_from_its_stored_config_to_the_same_bits(referen
     assert trainlib.cli(["--like", str(reference_run)]) == 2
     assert f"--like {reference_run}: give the new run its own folder" in capsys.readouterr().err
     assert trainlib.cli(["--like", str(tmp_path / "nothing"), "--set", f"run_dir={tmp_path / 'x'}"]) == 2
+    assert f"--like: {tmp_path / 'nothing'} is not a run folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert trainlib.cli(["--like", str(tmp_path / "empty"), "--set", f"run_dir={tmp_path / 'x'}"]) == 2
     assert "manifest.json does not exist or holds no config" in capsys.readouterr().err
     assert trainlib.cli(["--like", str(reference_run), "--set", f"run_dir={tmp_path / 'again'}"]) == 0
     again = json.loads((tmp_path / "again" / "manifest.json").read_text())

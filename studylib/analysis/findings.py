@@ -400,7 +400,7 @@ def which_cure(summary: pd.DataFrame, scale: str = "regimes", bins: int = 4096, 
     at = summary[(summary.scale == scale) & (summary.bins == bins) & (summary.n_q == n_q) & summary.final
                  & (summary.train_steps == steps) & (summary.model == regimes.DEFAULT_MODEL)]
     at = at[np.isclose(at.bandwidth_kbps, at.groupby("run").bandwidth_kbps.transform("min"))].copy()
-    at["label"] = at.apply(cure_label, axis=1)
+    at["label"] = [cure_label(row) for _, row in at.iterrows()]
     rows = []
     for label, group in at.groupby("label", sort=False):
         row = {"arm": label, "seeds": int(group.seed.nunique()), "steps": steps}

@@ -124,8 +124,9 @@ def hold_lock(folder: str | Path, what: str, mark: bool = True) -> Iterator[Path
         while True:
             # Read before writing anything: a refused second holder leaves the folder untouched.
             owner = _read(path)
-            if owner is not None and owner.get("token") in os.environ.get(processes.ENV, "").split():
-                inherited = True  # held for us by the process that started us
+            if owner is not None and owner.get("pid") != os.getpid() \
+                    and owner.get("token") in os.environ.get(processes.ENV, "").split():
+                inherited = True  # held for us by the process that started us (by this one: a second holder)
                 break
             if owner is not None:
                 if live := _alive(owner):

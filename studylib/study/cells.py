@@ -63,16 +63,18 @@ def identity(parameters: dict, notebook: str) -> dict:
     return {**parameters, "overrides": overrides}
 
 
-def read_record(path: Path) -> dict | None:
-    """A `cell.json` / `study.json`, or None if there is none; a damaged one is None with a warning (it is
-    written again when its cell runs)."""
+def read_record(path: Path, quiet: bool = False) -> dict | None:
+    """A `cell.json` / `study.json`, or None if there is none; a damaged one, or one that is not a JSON object, is
+    None with a warning (`quiet`: without; it is written again when its cell runs)."""
     try:
         record = read_json(path)
     except DamagedFile as e:
-        warn(f"{e}; taken as not done")
+        if not quiet:
+            warn(f"{e}; taken as not done")
         return None
     if record is not None and not isinstance(record, dict):
-        warn(f"{path}: holds a {type(record).__name__}, not a record; taken as not done")
+        if not quiet:
+            warn(f"{path}: holds a {type(record).__name__}, not a record; taken as not done")
         return None
     return record
 
@@ -84,7 +86,7 @@ def why_stale(plan: StudyPlan, cell: Cell, problems: dict[str, str] | None = Non
     folder = plan.folder(cell)
     record = read_record(folder / RunFolder.CELL)
     if record is None:
-        return "missing"
+        return "damaged record (cell.json)" if (folder / RunFolder.CELL).is_file() else "missing"
     if record.get("status") != "complete":
         return f"{record.get('status', 'no status')} before"
     if identity(record.get("parameters") or {}, cell.notebook) != identity(portable(cell.parameters, plan),

@@ -440,14 +440,14 @@ def _seconds_per_step(plan: StudyPlan) -> float | None:
     """The median seconds a training step of the scale's complete codec runs took (records' wall times)."""
     rates = []
     for cell in plan.cells:
-        record = records.read_record(plan.folder(cell) / RunFolder.CELL) or {}
+        record = records.read_record(plan.folder(cell) / RunFolder.CELL, quiet=True) or {}
         if cell.notebook == CODEC_NOTEBOOK and record.get("status") == "complete" and record.get("seconds"):
             rates.append(record["seconds"] / _steps(cell))
     return statistics.median(rates) if rates else None
 
 
 def _estimate(plan: StudyPlan, cell: Cell, rate: float | None) -> float | None:
-    record = records.read_record(plan.folder(cell) / RunFolder.CELL) or {}
+    record = records.read_record(plan.folder(cell) / RunFolder.CELL, quiet=True) or {}
     if cell.notebook == CODEC_NOTEBOOK and rate is not None:
         return rate * _steps(cell)
     return record.get("seconds")
