@@ -166,6 +166,15 @@ def read_json(path: str | Path) -> Any:
         raise DamagedFile(f"{path}: cannot be read ({one_line(e)})") from None
 
 
+def read_json_object(path: str | Path, what: str = "record") -> dict | None:
+    """`read_json` of a file that must hold a JSON object (a run's records): None if there is no such file,
+    DamagedFile naming it if it does not read or holds anything else (a list, a number)."""
+    found = read_json(path)
+    if found is not None and not isinstance(found, dict):
+        raise DamagedFile(f"{path}: holds a {type(found).__name__}, not a {what} (a JSON object)")
+    return found
+
+
 def read_parquet(path: str | Path) -> pd.DataFrame:
     """The table in a parquet file; DamagedFile naming it if it is missing or does not read (truncated...)."""
     import pandas as pd

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from studylib.core import config as cfglib
-from studylib.core.storage import DamagedFile, RefusedFile, read_json, read_parquet, read_torch, warn
+from studylib.core.storage import DamagedFile, RefusedFile, read_json_object, read_parquet, read_torch, warn
 from studylib.study.plan import CODEC_NOTEBOOK, ROOT, Cell, StudyPlan, codec_run_hash
 from studylib.training.run_config import NOT_HASHED
 from studylib.training.run_folder import RunFolder, stored_config
@@ -67,16 +67,11 @@ def read_record(path: Path, quiet: bool = False) -> dict | None:
     """A `cell.json` / `study.json`, or None if there is none; a damaged one, or one that is not a JSON object, is
     None with a warning (`quiet`: without; it is written again when its cell runs)."""
     try:
-        record = read_json(path)
+        return read_json_object(path)
     except DamagedFile as e:
         if not quiet:
             warn(f"{e}; taken as not done")
         return None
-    if record is not None and not isinstance(record, dict):
-        if not quiet:
-            warn(f"{path}: holds a {type(record).__name__}, not a record; taken as not done")
-        return None
-    return record
 
 
 def why_stale(plan: StudyPlan, cell: Cell, problems: dict[str, str] | None = None) -> str | None:
@@ -89,9 +84,9 @@ def why_stale(plan: StudyPlan, cell: Cell, problems: dict[str, str] | None = Non
         return "damaged record (cell.json)" if (folder / RunFolder.CELL).is_file() else "missing"
     if record.get("status") != "complete":
         return f"{record.get('status', 'no status')} before"
-    if identity(record.get("parameters") or {}, cell.notebook) != identity(portable(cell.parameters, plan),
-                                                                           cell.notebook):
-        return f"parameters changed ({_first_difference(record.get('parameters'), portable(cell.parameters, plan))})"
+    parameters = portable(cell.parameters, plan)
+    if identity(record.get("parameters") or {}, cell.notebook) != identity(parameters, cell.notebook):
+        return f"parameters changed ({_first_difference(record.get('parameters'), parameters)})"
     if cell.notebook != CODEC_NOTEBOOK and record.get("notebook_digest") != notebook_digest(plan.notebook_path(cell)):
         return "notebook source changed"
     if not (folder / REPORT).is_file():
@@ -121,9 +116,7 @@ def run_problems(folder: Path, config_hash: str | None = None) -> dict[str, str]
     records = {path.name for path in folder.glob("*.json")} | {RunFolder.CELL, RunFolder.MANIFEST}
     for name in sorted(records):  # every record a run keeps: evaluation settings, summary.json...
         try:
-            found = read_json(folder / name)
-            if found is not None and not isinstance(found, dict):
-                problems[name] = f"{folder / name}: holds a {type(found).__name__}, not a record (a JSON object)"
+            read_json_object(folder / name)
         except DamagedFile as e:
             problems[name] = str(e)
     tables = {path.name for path in folder.glob("*.parquet")} | set(RunFolder.TABLES)

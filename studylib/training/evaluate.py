@@ -33,6 +33,7 @@ from studylib.core.storage import (
     atomic_write,
     check_writable,
     read_json,
+    read_json_object,
     read_parquet,
     warn,
     write_json,
@@ -192,9 +193,7 @@ def evaluation_current(run_dir: str | Path, checkpoint: Path, split: str = "test
             current = False
             continue
         try:
-            found = read_json(path) if path.suffix == ".json" else read_parquet(path)
-            if not isinstance(found, dict | pd.DataFrame):
-                raise DamagedFile(f"{path}: holds a {type(found).__name__}, not an evaluation record")
+            read_json_object(path, "evaluation record") if path.suffix == ".json" else read_parquet(path)
             if checkpoint.is_file() and path.stat().st_mtime < checkpoint.stat().st_mtime:
                 current = False
         except DamagedFile as e:

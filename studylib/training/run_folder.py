@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studylib.core.config import UserError
-from studylib.core.storage import DamagedFile, UnreadableCheckpoint, one_line, read_json, read_torch
+from studylib.core.storage import UnreadableCheckpoint, one_line, read_json_object, read_torch
 from studylib.model.codec import Codec
 from studylib.training.run_config import TrainConfig
 
@@ -153,8 +153,4 @@ def weights_mismatch(state_dict: dict, expected: dict) -> str | None:
 
 def read_manifest(run_dir: str | Path) -> dict | None:
     """A training run's `manifest.json`, or None if it has none (DamagedFile if it is not JSON)."""
-    path = Path(run_dir) / RunFolder.MANIFEST
-    found = read_json(path)
-    if found is not None and not isinstance(found, dict):
-        raise DamagedFile(f"{path}: holds a {type(found).__name__}, not a run manifest (a JSON object)")
-    return found
+    return read_json_object(Path(run_dir) / RunFolder.MANIFEST, "run manifest")
