@@ -203,3 +203,17 @@ def test_missing_opus_tools_names_the_package(monkeypatch):
         baselines.require_opus()
     with pytest.raises(RuntimeError, match="apt-get install opus-tools"):
         baselines.opus_roundtrip(np.zeros(100), 6.0)
+
+
+def test_band_si_sdr_finds_the_band_that_carries_the_error():
+    sr, n = 24_000, 24_000
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, n, generator=g, dtype=torch.float64)
+    spec = torch.fft.rfft(ref)
+    freqs = torch.fft.rfftfreq(n, 1 / sr)
+    noise = torch.fft.rfft(torch.randn(2, n, generator=g, dtype=torch.float64))
+    est = torch.fft.irfft(torch.where(freqs < 1000, spec, noise), n)  # right below 1 kHz, noise above
+    table = metrics.band_si_sdr(est, ref, sr).groupby("band").si_sdr.mean()
+    assert table["0-1 kHz"] > 100 and table["1-4 kHz"] < 3 and table["4-12 kHz"] < 3
+    shares = metrics.band_si_sdr(ref, ref, sr).groupby("item_pos").energy_share.sum()
+    assert shares.tolist() == pytest.approx([1.0, 1.0], abs=1e-3)  # the bands cover 0-12 kHz

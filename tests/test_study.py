@@ -353,6 +353,33 @@ def test_changing_how_runs_execute_neither_retrains_nor_moves_aside_a_complete_r
     assert all(cells.why_stale(plan, c, problems.get(c.name)) is None for c in codec)
 
 
+def test_the_dry_run_says_what_would_run_and_why_and_estimates_it_per_model(smoke_study, ci_data, tmp_path, capsys):
+    """Issue 35: per cell what would run and why, an estimate from the finished runs of the same model preset (the
+    official architecture steps ~6x slower than the small one: no rate of another preset stands in), nothing run."""
+    before = {p: p.stat().st_mtime_ns for p in smoke_study.rglob("*") if p.is_file()}
+    more_seeds = _params_copy(tmp_path / "a", lambda t: t.replace("      seeds: [0]\n      evaluate: {per_kind: 3",
+                                                                  "      seeds: [0, 1]\n      evaluate: {per_kind: 3"))
+    plan = plans.plan_study("smoke", smoke_study, more_seeds, data=ci_data)
+    rows = {r["cell"]: r for r in runner.dry_run(plan)}
+    codec = [c for c in plan.cells if c.notebook == "03_train_codec"]
+    assert {c.seed for c in codec} == {0, 1}
+    for cell in codec:
+        row = rows[cell.name]
+        if cell.seed == 0:
+            assert (row["action"], row["why"], row["estimate_s"]) == ("skip", "complete", None)
+        else:
+            assert (row["action"], row["why"]) == ("run", "missing") and row["estimate_s"] > 0
+    other_model = _params_copy(tmp_path / "b", lambda t: t.replace("set: {milestones: [10]}",
+                                                                   "set: {milestones: [10], model: small}"))
+    plan = plans.plan_study("smoke", smoke_study, other_model, data=ci_data)
+    rows = runner.dry_run(plan)
+    assert all(r["action"] == "run" and r["estimate_s"] is None for r in rows if r["notebook"] == "03_train_codec")
+    runner.print_dry_run(plan, rows, 2)
+    out = capsys.readouterr().out
+    assert "without an estimate" in out and "nothing was run" in out
+    assert {p: p.stat().st_mtime_ns for p in smoke_study.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.slow
 def test_train_run_goes_through_torchrun_when_ddp_is_asked(synthetic_manifest, tmp_path):
     import torch

@@ -101,6 +101,7 @@ def test_a_cell_parameter_its_notebook_lacks_is_refused(tmp_path):
     ("evaluate: {per_kind: 3,", "evaluate: {per_kind: -3,",
      "scales.smoke.codec.evaluate.per_kind: got -3, allowed an integer >= 1"),
     ("seconds: 2.0}", "seconds: -2.0}", "scales.smoke.codec.evaluate.seconds: got -2.0, allowed a number in [0.1, 60]"),
+    ("seconds: 2.0}", "seconds: 2.0, bands: 1}", "scales.smoke.codec.evaluate.bands: got 1, allowed true or false"),
     ("compare: {focus_kbps: 1.5}", "compare: {focus_kbps: 1.5, opus_bitrates: abc}",
      "scales.smoke.compare.opus_bitrates: got 'abc', allowed a non-empty list of kbps in [0.5, 256.0]"),
     ("audit: {arms: [upstream, fixed_rel]}", "audit: {arms: [upstream, fixed_rel], threshold: .nan}",

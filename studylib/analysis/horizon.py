@@ -21,12 +21,9 @@ from studylib.analysis.anchors import ENCODEC_PAPER
 from studylib.analysis.records import RunRecord
 from studylib.core.storage import read_parquet, warn, write_parquet
 from studylib.model.codec import SAMPLE_RATE
-from studylib.model.metrics import si_sdr
-from studylib.training.evaluate import eval_windows
+from studylib.training.evaluate import band_scores, eval_windows, evaluation_files
 from studylib.training.run_folder import RunFolder, load_checkpoint
 
-# sub-bands of the sub-band SI-SDR (Hz): where the energy of speech and music sits, where the codec's phase goes
-BANDS = ((0.0, 1000.0), (1000.0, 4000.0), (4000.0, 12000.0))
 PAIRED_PANELS = (("si_sdr_db", 1.5), ("si_sdr_db", 6.0), ("si_sdr_db", 24.0), ("mel_distance", 1.5),
                  ("mel_distance", 6.0), ("mel_distance", 24.0), ("usage", 6.0), ("entropy_kbps", 6.0))
 
@@ -93,54 +90,30 @@ def per_source(items: pd.DataFrame, opus: pd.DataFrame | None = None,
     return table
 
 
-def band_si_sdr(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int = SAMPLE_RATE,
-                bands: Sequence[tuple[float, float]] = BANDS) -> pd.DataFrame:
-    """SI-SDR (dB) of each item [B, T] after an ideal band-pass of both signals (FFT mask), per band, the
-    reference's share of energy in it and the estimate's energy there relative to the reference's: a waveform error
-    concentrated in one band shows as a low SI-SDR there, and the energy ratio tells a band that is missing (ratio
-    near 0) from one that is present with the wrong waveform (ratio near 1, SI-SDR far below 0)."""
-
-    spec_e, spec_r = torch.fft.rfft(estimate.double()), torch.fft.rfft(reference.double())
-    freqs = torch.fft.rfftfreq(reference.shape[-1], 1 / sample_rate)
-    total = spec_r.abs().pow(2).sum(-1)
-    rows = []
-    for low, high in bands:
-        mask = (freqs >= low) & (freqs < high)
-        e = torch.fft.irfft(spec_e * mask, reference.shape[-1])
-        r = torch.fft.irfft(spec_r * mask, reference.shape[-1])
-        band_r = (spec_r.abs().pow(2) * mask).sum(-1)
-        ratio = (spec_e.abs().pow(2) * mask).sum(-1) / band_r
-        for i, (s, sh, er) in enumerate(zip(si_sdr(e, r), band_r / total, ratio)):
-            rows.append({"item_pos": i, "band": f"{low / 1000:g}-{high / 1000:g} kHz", "si_sdr": float(s),
-                         "energy_share": float(sh), "energy_ratio": float(er)})
-    return pd.DataFrame(rows)
+# a run's band_scores at its final checkpoint, kept beside its other tables (and committed with them): the file an
+# evaluation with `bands` writes (`evaluate.evaluation_files`), and 07's cache for runs evaluated without
+BANDS_FILE = evaluation_files(".", "test", bands=True)[-1].name
 
 
-@torch.no_grad()
-def band_scores(run_folder: str | Path, manifest: str | Path, sources: Sequence[str], bandwidths: Sequence[float],
-                per_kind: int | None = None, seconds: float = 5.0) -> pd.DataFrame:
-    """`band_si_sdr` of a run's final codec on the test windows of `sources`, at each of `bandwidths`, with the
-    full-band SI-SDR beside it; one row per window x bandwidth x band."""
-
-    codec, _, _ = load_checkpoint(run_folder)
-    codec.eval()
-    bandwidths = [b for b in bandwidths if b in codec.config.target_bandwidths]
-    dataset, info = eval_windows(manifest, "test", seconds, per_kind, codec.config.sample_rate)
-    chosen = info[info.source.isin(list(sources))].reset_index(drop=True)
-    wav = torch.stack([dataset[int(i)] for i in chosen["item"]])  # [B, 1, T]
-    frames = []
-    for bw in bandwidths:
-        audio = codec.decode(codec.encode(wav, bw))[..., : wav.shape[-1]]
-        table = band_si_sdr(audio[:, 0], wav[:, 0], codec.config.sample_rate)
-        full = si_sdr(audio[:, 0].double(), wav[:, 0].double()).numpy()
-        table["full_band_si_sdr"] = full[table.item_pos]
-        table["item"] = chosen["item"].to_numpy()[table.item_pos]
-        table["source"] = chosen["source"].to_numpy()[table.item_pos]
-        frames.append(table.assign(bandwidth=bw).drop(columns="item_pos"))
-    return pd.concat(frames, ignore_index=True)
-
-
-BANDS_FILE = "eval_test_bands.parquet"  # a run's band_scores, kept beside its other tables (and committed with them)
+def band_rows(run_folder: str | Path, final_step: int) -> pd.DataFrame:
+    """Per step (each milestone's eval_test_step<N>_bands.parquet, and the final checkpoint's BANDS_FILE at
+    `final_step`) x bandwidth x band of a run: the mean over its windows of the sub-band SI-SDR, the energy ratio
+    (estimate / reference in the band: ~0 a band the codec drops, ~1 one it passes) and the reference's energy share.
+    Empty when the run kept no sub-band scores."""
+    folder, frames = Path(run_folder), []
+    for path in sorted(folder.glob("eval_test*_bands.parquet")):
+        tag = path.name.removeprefix("eval_test").removesuffix("_bands.parquet")
+        step = final_step if tag == "" else int(tag.removeprefix("_step")) if tag.removeprefix("_step").isdigit() \
+            else None
+        if step is not None:
+            frames.append(read_parquet(path).assign(step=step))
+    if not frames:
+        return pd.DataFrame(columns=["step", "bandwidth", "band", "si_sdr", "energy_ratio", "energy_share", "windows"])
+    table = pd.concat(frames, ignore_index=True)
+    rows = table.groupby(["step", "bandwidth", "band"]).agg(
+        si_sdr=("si_sdr", "mean"), energy_ratio=("energy_ratio", "mean"), energy_share=("energy_share", "mean"),
+        windows=("item", "nunique"))
+    return rows.reset_index()
 
 
 def cached_band_scores(run_folder: str | Path, manifest: str | Path, sources: Sequence[str],
@@ -162,7 +135,9 @@ def cached_band_scores(run_folder: str | Path, manifest: str | Path, sources: Se
         warn(f"{folder}: no {BANDS_FILE} for these sources and no checkpoint.pt to compute it from; "
              "its sub-band SI-SDR is left out")
         return pd.DataFrame()
-    scores = band_scores(folder, manifest, sources, bandwidths, per_kind)
+    codec, _, _ = load_checkpoint(folder)
+    scores = band_scores(codec, manifest, "test", per_kind=per_kind, bandwidths=tuple(bandwidths),
+                         sources=list(sources))
     write_parquet(scores, path)
     return scores
 

@@ -235,7 +235,7 @@ def notebook_defaults(path: Path) -> dict[str, Any]:
 
 # keyword arguments of `studylib.training.evaluate.evaluate` a scale may set (`evaluate` blocks): (kind, minimum)
 EVALUATE_ARGS = {"per_kind": ("int", 1), "visqol_items": ("int", 0), "seconds": ("number", 0.1),
-                 "examples_per_kind": ("int", 0), "batch_size": ("int", 1)}
+                 "examples_per_kind": ("int", 0), "batch_size": ("int", 1), "bands": ("bool", None)}
 MAX_EVAL_SECONDS = 60.0  # a test window longer than this is a typo (the corpus' segments are ~10 s)
 
 
@@ -277,12 +277,15 @@ def _check_evaluate(where: str, value: Any) -> None:
         if key not in EVALUATE_ARGS:
             raise StudyError(f"{where}.{key}: unknown key; allowed keys: {', '.join(EVALUATE_ARGS)}")
         kind, low = EVALUATE_ARGS[key]
-        if kind == "int":
+        if kind == "bool":
+            ok = isinstance(arg, bool)
+        elif kind == "int":
             ok = isinstance(arg, int) and not isinstance(arg, bool) and arg >= low
         else:
             ok = _number(arg) and low <= arg <= MAX_EVAL_SECONDS
         if not ok:
-            allowed = f"an integer >= {low}" if kind == "int" else f"a number in [{low}, {MAX_EVAL_SECONDS:g}]"
+            allowed = {"bool": "true or false", "int": f"an integer >= {low}"}.get(
+                kind, f"a number in [{low}, {MAX_EVAL_SECONDS:g}]")
             raise StudyError(f"{where}.{key}: got {arg!r}, allowed {allowed}")
 
 

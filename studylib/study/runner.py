@@ -411,9 +411,9 @@ def _write_summary(plan: StudyPlan, outcome: Outcome, started: float, findings: 
 def dry_run(plan: StudyPlan) -> list[dict]:
     """What `run_study` would do, cell by cell, touching nothing: `action` (skip, run, not selected), `why` and
     `estimate_s` (from the scale's committed records: the cell's own last time, or for a codec run its steps at
-    the median seconds a step of the scale's finished runs)."""
+    the median seconds a step of the scale's finished runs of the same model preset)."""
     problems = records.codec_run_problems(plan, repair=False)
-    rate = _seconds_per_step(plan)
+    rates = _seconds_per_step(plan)
     rows = []
     for cell in plan.cells:
         why = records.why_stale(plan, cell, problems.get(cell.name))
@@ -423,33 +423,34 @@ def dry_run(plan: StudyPlan) -> list[dict]:
             action = "skip"
         else:
             action, why = "run", why or "an aggregation over what is on disk: runs every time"
-        estimate = _estimate(plan, cell, rate) if action == "run" else None
+        estimate = _estimate(plan, cell, rates) if action == "run" else None
         rows.append({"cell": cell.name, "notebook": cell.notebook, "action": action, "why": why or "complete",
                      "estimate_s": estimate})
     return rows
 
 
-def _steps(cell: Cell) -> int | None:
-    if cell.notebook != CODEC_NOTEBOOK:
-        return None
-    steps = cell.parameters["overrides"].get("steps")
-    return steps if steps is not None else cfglib.read_overlay(cell.parameters["params"][0]).get("steps")
+def _setting(cell: Cell, key: str):
+    """A codec run's training setting: its override, else the scale's overlay (the first of its params)."""
+    value = cell.parameters["overrides"].get(key)
+    return value if value is not None else cfglib.read_overlay(cell.parameters["params"][0]).get(key)
 
 
-def _seconds_per_step(plan: StudyPlan) -> float | None:
-    """The median seconds a training step of the scale's complete codec runs took (records' wall times)."""
-    rates = []
+def _seconds_per_step(plan: StudyPlan) -> dict[str | None, float]:
+    """Per model preset: the median seconds a training step of the scale's complete codec runs of that model took
+    (records' wall times). A preset with no finished run has no rate: its runs get no estimate."""
+    rates: dict[str | None, list[float]] = {}
     for cell in plan.cells:
         record = records.read_record(plan.folder(cell) / RunFolder.CELL, quiet=True) or {}
         if cell.notebook == CODEC_NOTEBOOK and record.get("status") == "complete" and record.get("seconds"):
-            rates.append(record["seconds"] / _steps(cell))
-    return statistics.median(rates) if rates else None
+            rates.setdefault(_setting(cell, "model"), []).append(record["seconds"] / _setting(cell, "steps"))
+    return {model: statistics.median(found) for model, found in rates.items()}
 
 
-def _estimate(plan: StudyPlan, cell: Cell, rate: float | None) -> float | None:
+def _estimate(plan: StudyPlan, cell: Cell, rates: dict[str | None, float]) -> float | None:
+    if cell.notebook == CODEC_NOTEBOOK:
+        rate = rates.get(_setting(cell, "model"))
+        return None if rate is None else rate * _setting(cell, "steps")
     record = records.read_record(plan.folder(cell) / RunFolder.CELL, quiet=True) or {}
-    if cell.notebook == CODEC_NOTEBOOK and rate is not None:
-        return rate * _steps(cell)
     return record.get("seconds")
 
 

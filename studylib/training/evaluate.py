@@ -6,6 +6,7 @@
 Writes beside the run: `eval_<split>.parquet` (one row per item x bandwidth, every metric),
 `eval_<split>_levels.parquet` (per bandwidth and level: usage, perplexity, entropy, dead codes, plus
 the entropy bitrate), `eval_<split>_frequency.parquet` (codes-by-frequency at the highest bandwidth),
+`eval_<split>_bands.parquet` (with `bands`: SI-SDR and energy ratio per window in three sub-bands),
 `eval_<split>.json` (the settings they were made with, and the checkpoint's step) and
 `examples/<kind>_<item>_{reference,<kbps>kbps}.flac` for the reports. It checks it can write there before
 it computes; the CLI refuses to replace files made with other settings (a study's evaluation) without --force.
@@ -57,6 +58,7 @@ class Evaluation:
     levels: pd.DataFrame  # one row per bandwidth x level
     frequency: pd.DataFrame  # level, rank, frequency at the highest bandwidth
     examples: list[Path]
+    bands: pd.DataFrame | None = None  # with `bands`: one row per item x bandwidth x sub-band (`band_scores`)
 
 
 def eval_windows(manifest: str | Path, split: str = "test", seconds: float = 5.0,
@@ -104,12 +106,14 @@ def _examples_to_save(info: pd.DataFrame, per_kind: int) -> set[int]:
 def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[float, ...] | None = None,
              manifest: str | Path | None = None, seconds: float = 5.0, visqol_items: int = 16,
              examples_per_kind: int = 2, batch_size: int = 8, out_dir: str | Path | None = None,
-             per_kind: int | None = None, progress: bool = True, suffix: str = "", force: bool = True) -> Evaluation:
+             per_kind: int | None = None, progress: bool = True, suffix: str = "", force: bool = True,
+             bands: bool = False) -> Evaluation:
     """Evaluate a run folder, a checkpoint file (e.g. a milestone's checkpoint_step500.pt) or a codec on the fixed
     windows of `split` (`per_kind` of each kind, or all); ViSQOL on the first `visqol_items` windows of each kind
     (it costs ~1 s per window); results written to `out_dir` (default: the run folder) when there is one, as
     eval_<split><suffix>.parquet, eval_<split><suffix>_levels.parquet and eval_<split><suffix>_frequency.parquet,
-    with the settings beside them (eval_<split><suffix>.json). Before computing: WriteError if that folder cannot
+    with the settings beside them (eval_<split><suffix>.json); with `bands`, the sub-band scores too
+    (eval_<split><suffix>_bands.parquet, `band_scores`). Before computing: WriteError if that folder cannot
     be written, and (force=False) UserError if it holds such an evaluation made with other settings."""
     step = None
     if isinstance(run, Codec):
@@ -124,6 +128,8 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
     settings = {"split": split, "bandwidths": [float(b) for b in bandwidths], "manifest": str(Path(manifest).resolve()),
                 "seconds": float(seconds), "per_kind": per_kind, "visqol_items": visqol_items,
                 "examples_per_kind": examples_per_kind}
+    if bands:  # only when asked: evaluations recorded before this setting existed keep matching their settings
+        settings["bands"] = True
     if run_dir is not None:
         if not force:
             _refuse_other_settings(run_dir, settings, suffix)
@@ -169,26 +175,34 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
                               for lvl in range(freq.shape[0]) for r, f in enumerate(freq[lvl])])
     result = Evaluation(info.merge(pd.DataFrame(rows), on="item"), pd.concat(level_rows, ignore_index=True),
                         frequency, examples)
+    if bands:
+        result.bands = band_scores(codec, manifest, split, seconds, per_kind, bandwidths, batch_size=batch_size)
     if run_dir is not None:
         write_parquet(result.items, run_dir / f"eval_{split}{suffix}.parquet")
         write_parquet(result.levels, run_dir / f"eval_{split}{suffix}_levels.parquet")
         write_parquet(result.frequency, run_dir / f"eval_{split}{suffix}_frequency.parquet")
+        if bands:
+            write_parquet(result.bands, run_dir / f"eval_{split}{suffix}_bands.parquet")
         write_json({**settings, "checkpoint_step": step}, run_dir / f"eval_{split}{suffix}.json")
     return result
 
 
-def evaluation_files(run_dir: str | Path, split: str = "test", suffix: str = "") -> tuple[Path, ...]:
-    """The files one evaluation writes: items, levels, frequency tables and its settings."""
+def evaluation_files(run_dir: str | Path, split: str = "test", suffix: str = "",
+                     bands: bool = False) -> tuple[Path, ...]:
+    """The files one evaluation writes: items, levels, frequency tables and its settings (and, with `bands`, the
+    sub-band table)."""
     stem = Path(run_dir) / f"eval_{split}{suffix}"
     return (stem.with_name(stem.name + ".parquet"), stem.with_name(stem.name + "_levels.parquet"),
-            stem.with_name(stem.name + "_frequency.parquet"), stem.with_name(stem.name + ".json"))
+            stem.with_name(stem.name + "_frequency.parquet"), stem.with_name(stem.name + ".json"),
+            *([stem.with_name(stem.name + "_bands.parquet")] if bands else []))
 
 
-def evaluation_current(run_dir: str | Path, checkpoint: Path, split: str = "test", suffix: str = "") -> bool:
+def evaluation_current(run_dir: str | Path, checkpoint: Path, split: str = "test", suffix: str = "",
+                       bands: bool = False) -> bool:
     """Whether the evaluation of `checkpoint` in `run_dir` is whole and newer than it: every file of it there and
     readable. A damaged one is moved aside (`<name>.damaged`, a warning naming it), so that it is made again."""
     current = True
-    for path in evaluation_files(run_dir, split, suffix):
+    for path in evaluation_files(run_dir, split, suffix, bands):
         if not path.is_file():
             current = False
             continue
@@ -207,28 +221,65 @@ def evaluate_once(run_dir: str | Path, split: str = "test", **kwargs) -> pd.Data
     """The items table of a run folder's final checkpoint on `split`: read back when its evaluation is whole and
     current (`evaluation_current`), computed (`evaluate`) otherwise."""
     run_dir = Path(run_dir)
-    if evaluation_current(run_dir, run_dir / RunFolder.CHECKPOINT, split):
+    if evaluation_current(run_dir, run_dir / RunFolder.CHECKPOINT, split, bands=kwargs.get("bands", False)):
         return read_parquet(evaluation_files(run_dir, split)[0])
     return evaluate(run_dir, split, **kwargs).items
 
 
 def evaluate_milestones(run_dir: str | Path, manifest: str | Path | None = None, per_kind: int | None = None,
-                        seconds: float = 5.0, progress: bool = True) -> list[int]:
+                        seconds: float = 5.0, progress: bool = True, bands: bool = False) -> list[int]:
     """Evaluate each milestone checkpoint of a run (checkpoint_step<N>.pt, `TrainConfig.milestones`) that has no
     evaluation newer than itself, at MILESTONE_BANDWIDTHS (those the model has), without ViSQOL or examples, into
-    eval_test_step<N>*.parquet; returns the milestone steps on disk. The final checkpoint is the run's own
-    evaluation (eval_test.parquet)."""
+    eval_test_step<N>*.parquet (with `bands`, its sub-band scores too); returns the milestone steps on disk. The
+    final checkpoint is the run's own evaluation (eval_test.parquet)."""
     run_dir = Path(run_dir)
     steps = []
     for step, path in sorted(milestone_checkpoints(run_dir).items()):
         steps.append(step)
-        if evaluation_current(run_dir, path, "test", f"_step{step}"):
+        if evaluation_current(run_dir, path, "test", f"_step{step}", bands):
             continue
         codec, cfg, _ = load_checkpoint(path)
         bandwidths = tuple(b for b in MILESTONE_BANDWIDTHS if b in codec.config.target_bandwidths)
         evaluate(codec, "test", bandwidths or None, manifest or cfg.manifest, visqol_items=0, examples_per_kind=0,
-                 seconds=seconds, out_dir=run_dir, per_kind=per_kind, progress=progress, suffix=f"_step{step}")
+                 seconds=seconds, out_dir=run_dir, per_kind=per_kind, progress=progress, suffix=f"_step{step}",
+                 bands=bands)
     return steps
+
+
+@torch.no_grad()
+def band_scores(codec: Codec, manifest: str | Path, split: str = "test", seconds: float = 5.0,
+                per_kind: int | None = None, bandwidths: tuple[float, ...] | None = None,
+                sources: list[str] | None = None, batch_size: int = 8) -> pd.DataFrame:
+    """`metrics.band_si_sdr` of `codec` on the fixed windows of `split` (those of `sources`, or all) at each of
+    `bandwidths` it has (default: all of its own), the full-band SI-SDR beside it: one row per window x bandwidth x
+    band. Says in which band a codec's waveform error lives, and whether a band is missing (energy ratio near 0) or
+    present with the wrong waveform (ratio near 1, SI-SDR far below 0)."""
+    codec.eval()
+    rate = codec.config.sample_rate
+    bandwidths = [b for b in (bandwidths or codec.config.target_bandwidths) if b in codec.config.target_bandwidths]
+    dataset, info = eval_windows(manifest, split, seconds, per_kind, rate)
+    if sources is not None:
+        info = info[info.source.isin(list(sources))].reset_index(drop=True)
+    frames = []
+    for start in range(0, len(info), batch_size):
+        chunk = info.iloc[start: start + batch_size]
+        wav = torch.stack([dataset[int(i)] for i in chunk["item"]])  # [B, 1, T]
+        for bw in bandwidths:
+            audio = codec.decode(codec.encode(wav, bw))[..., : wav.shape[-1]]
+            table = metrics.band_si_sdr(audio[:, 0], wav[:, 0], rate)
+            full = metrics.si_sdr(audio[:, 0].double(), wav[:, 0].double()).numpy()
+            table["full_band_si_sdr"] = full[table.item_pos]
+            table["item"] = chunk["item"].to_numpy()[table.item_pos]
+            table["source"] = chunk["source"].to_numpy()[table.item_pos]
+            frames.append(table.assign(bandwidth=bw).drop(columns="item_pos"))
+    columns = ["band", "si_sdr", "energy_share", "energy_ratio", "full_band_si_sdr", "item", "source", "bandwidth"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    table = pd.concat(frames, ignore_index=True)
+    order = {f"{low / 1000:g}-{high / 1000:g} kHz": i for i, (low, high) in enumerate(metrics.BANDS)}
+    # per bandwidth, per band, per window: the order of the tables 07 keeps (computed in one batch before)
+    table = table.sort_values(["bandwidth", "band", "item"], key=lambda c: c.map(order) if c.name == "band" else c)
+    return table[columns].reset_index(drop=True)
 
 
 def milestone_checkpoints(run_dir: str | Path) -> dict[int, Path]:
