@@ -69,6 +69,30 @@ def test_milestones_get_their_sub_band_scores_when_asked(milestone_run, syntheti
     assert step5.si_sdr.to_dict() == pytest.approx(bands.groupby("band").si_sdr.mean().to_dict())
 
 
+def test_add_bands_gives_an_evaluated_run_its_sub_band_tables_and_touches_nothing_else(milestone_run, capsys):
+    """Runs evaluated before sub-band scores existed get them for every checkpoint on disk, on the same windows."""
+    import shutil
+
+    run = milestone_run.parent / "add_bands"
+    shutil.copytree(milestone_run, run)
+    evaluate.evaluate_milestones(run, per_kind=2, progress=False)
+    (run / "eval_test_step5.json").rename(run / "kept.json")
+    assert evaluate.cli([str(run), "--add-bands"]) == 2  # no evaluation of that checkpoint: it says so, writes none
+    assert "eval_test_step5.json: no evaluation of checkpoint_step5.pt" in capsys.readouterr().err
+    (run / "kept.json").rename(run / "eval_test_step5.json")
+    for table in run.glob("*_bands.parquet"):
+        table.unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+    assert evaluate.cli([str(run), "--add-bands"]) == 0
+    added = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+    assert sorted(set(added) - set(before)) == ["eval_test_bands.parquet", "eval_test_step10_bands.parquet",
+                                                 "eval_test_step5_bands.parquet"]
+    assert {k: added[k] for k in before} == before  # every other file as it was
+    items, bands = pd.read_parquet(run / "eval_test.parquet"), pd.read_parquet(run / "eval_test_bands.parquet")
+    assert set(bands.item) == set(items.item) and set(bands.bandwidth) == set(items.bandwidth)
+    assert evaluate.add_band_scores(run, progress=False) == []  # each newer than its checkpoint: kept
+
+
 def test_summary_rows_carry_steps_and_final(milestone_run):
     rows = pd.DataFrame(findings.run_rows(records.read_run(milestone_run), "smoke"))
     assert sorted(set(zip(rows.steps, rows.final))) == [(5, False), (10, False), (20, True)]

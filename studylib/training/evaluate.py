@@ -1,6 +1,7 @@
 """Evaluation of a trained codec (and of Opus) on fixed test windows, through one scoring function.
 
     studylib evaluate RUN_DIR [--split test] [--bandwidths 1.5 6 24] [--visqol-items 16]
+    studylib evaluate RUN_DIR --add-bands [--manifest PATH]  # only the sub-band tables of every checkpoint
     studylib opus MANIFEST [--split test] [--out results/baselines/opus_test.parquet]
 
 Writes beside the run: `eval_<split>.parquet` (one row per item x bandwidth, every metric),
@@ -282,6 +283,29 @@ def band_scores(codec: Codec, manifest: str | Path, split: str = "test", seconds
     return table[columns].reset_index(drop=True)
 
 
+def add_band_scores(run_dir: str | Path, manifest: str | Path | None = None, progress: bool = True) -> list[Path]:
+    """Sub-band tables for a run evaluated without them (`studylib evaluate RUN --add-bands`): for its final and
+    each milestone checkpoint on disk, eval_test[_step<N>]_bands.parquet on the windows and bandwidths of the
+    evaluation already there (its eval_test[_step<N>].json; `manifest` where that record's is elsewhere), every other
+    file left as it is. A table newer than its checkpoint is kept. Returns the tables written."""
+    run_dir = Path(run_dir)
+    checkpoints = [("", run_dir / RunFolder.CHECKPOINT)] + [(f"_step{step}", path) for step, path in
+                                                           sorted(milestone_checkpoints(run_dir).items())]
+    written = []
+    for suffix, checkpoint in tqdm(checkpoints, desc="sub-band scores", disable=not progress):
+        *_, record, table = evaluation_files(run_dir, "test", suffix, bands=True)
+        if not checkpoint.is_file() or (table.is_file() and table.stat().st_mtime >= checkpoint.stat().st_mtime):
+            continue
+        settings = read_json_object(record, "evaluation record")
+        if settings is None:
+            raise UserError(f"{record}: no evaluation of {checkpoint.name} to take the windows from; evaluate it first")
+        codec, _, _ = load_checkpoint(checkpoint)
+        write_parquet(band_scores(codec, manifest or settings["manifest"], "test", settings["seconds"],
+                                  settings["per_kind"], tuple(settings["bandwidths"])), table)
+        written.append(table)
+    return written
+
+
 def milestone_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     """step -> checkpoint_step<step>.pt of a run folder."""
     found = {}
@@ -398,8 +422,16 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="window length (default 5)")
     parser.add_argument("--force", action="store_true",
                         help="replace an evaluation made with other settings (e.g. the study's)")
+    parser.add_argument("--add-bands", action="store_true",
+                        help="only add the sub-band tables (eval_test[_step<N>]_bands.parquet) of the final and "
+                             "milestone checkpoints, on the windows of the evaluations already there")
+    parser.add_argument("--manifest", help="with --add-bands: the corpus manifest, where the evaluations' is elsewhere")
     args = parser.parse_args(argv)
     try:
+        if args.add_bands:
+            written = add_band_scores(args.run, args.manifest)
+            print("\n".join(str(p) for p in written) if written else "every checkpoint has its sub-band table")
+            return 0
         check_option("--seconds", args.seconds, 0, MAX_SECONDS, low_open=True)
         check_option("--visqol-items", args.visqol_items, 0, integer=True)
         check_option("--per-kind", args.per_kind, 1, integer=True)
