@@ -79,6 +79,23 @@ def test_committed_regime_map_matches_the_runs_it_names():
     assert set(longer.arm) <= {"none", "fixed_rel"} and (longer.train_steps == 10000).all()
 
 
+@pytest.mark.skipif(not list((RESULTS / "regimes" / "runs").glob("*/eval_test_step500_bands.parquet")),
+                    reason="no committed sub-band scores")
+def test_the_band_table_reads_every_scored_step_of_the_runs_that_kept_sub_band_scores():
+    """Issue 38: the small codec's K = 4096 runs carry sub-band tables at every milestone and the end."""
+    bands = regimes.band_table(RESULTS, ("regimes",))
+    longer = bands[bands.regime == "codec K=4096 x1 600f trained 10000 steps"]
+    assert set(longer.arm) == {"none", "fixed_rel"} and set(longer.bandwidth) == {0.9}
+    for _, run in longer.groupby("run"):
+        assert sorted(run.step.unique()) == [500, 1000, 2000, 3000, 5000, 7500, 10000]
+        assert (run.groupby("step").band.nunique() == 3).all() and (run.windows == 64).all()
+    summary = regimes.band_summary(longer)
+    assert len(summary) == len(longer.drop_duplicates(["arm", "step", "band"]))
+    # the small codec passes the band below 1 kHz and drops 1-4 kHz at 0.9 kbps (issue 38's question)
+    last = summary[summary.step == 10000].set_index(["arm", "band"]).energy_ratio
+    assert (last.xs("1-4 kHz", level="band") < 0.2).all() and (last.xs("0-1 kHz", level="band") > 0.3).all()
+
+
 def test_regime_names_keep_their_defaults_and_add_horizon_model_and_init_cure():
     assert regimes.regime_name("codec", 4096, 1, 600, "trained") == "codec K=4096 x1 600f trained"
     assert regimes.regime_name("codec", 4096, 1, 600, "trained", train_steps=3000) == "codec K=4096 x1 600f trained"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from studylib.analysis import recipe, reports, stats
+from studylib.analysis import horizon, recipe, reports, stats
 from studylib.analysis.records import RunRecord, list_runs
 from studylib.core.storage import DamagedFile, read_parquet, warn
 from studylib.model.codec import CodecConfig
@@ -126,6 +126,40 @@ def regimes_table(results: str | Path, scales: tuple[str, ...] = SCALES) -> pd.D
     table = pd.DataFrame(rows, columns=COLUMNS).astype({"seed": "Int64", "step": "Int64"})
     return table.sort_values(["kind", "bins", "n_q", "frames_per_step", "encoder", "scale", "arm", "seed", "step"]) \
         .reset_index(drop=True)
+
+
+def band_table(results: str | Path, scales: tuple[str, ...] = SCALES) -> pd.DataFrame:
+    """Issue 38: which band a codec passes. Every codec run of `scales` that kept sub-band scores
+    (`evaluate --add-bands`, or `bands` in its evaluation): one row per scored step x band at the run's bitrate
+    (`horizon.band_rows`: mean over the test windows of the band's SI-SDR, energy ratio and share), tagged like
+    `codec_rows`."""
+    frames = []
+    for scale in scales:
+        if not (Path(results) / scale / "runs").is_dir():
+            continue
+        for run in list_runs(Path(results) / scale, evaluated=True):
+            cfg, shape, setting = run.manifest.get("config") or {}, codec_shape(run), codec_setting(run)
+            try:
+                bands = horizon.band_rows(run.folder, int(cfg.get("steps", 0)))
+            except DamagedFile as e:
+                warn(f"skipped the sub-band scores of {run.folder}: {e}")
+                continue
+            bands = bands[np.isclose(bands.bandwidth.astype(float), float(cfg.get("valid_bandwidth", 6.0)))]
+            if len(bands):
+                frames.append(bands.assign(regime=regime_name("codec", **shape, **setting), scale=scale,
+                                           arm=run.arm, seed=run.seed, run=run.name, model=setting["model"]))
+    columns = ["regime", "model", "scale", "arm", "seed", "run", "step", "bandwidth", "band", "si_sdr", "energy_ratio",
+               "energy_share", "windows"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def band_summary(bands: pd.DataFrame) -> pd.DataFrame:
+    """`band_table` per regime, arm, step and band: the mean over seeds of the band's SI-SDR and energy ratio."""
+    keys = ["regime", "model", "arm", "step", "band"]
+    if bands.empty:
+        return pd.DataFrame(columns=[*keys, "si_sdr", "energy_ratio", "seeds"])
+    return bands.groupby(keys).agg(si_sdr=("si_sdr", "mean"), energy_ratio=("energy_ratio", "mean"),
+                                   seeds=("seed", "nunique")).reset_index()
 
 
 def quality_column(kind: str) -> str:
@@ -295,5 +329,28 @@ def plot_horizon(table: pd.DataFrame, gaps: pd.DataFrame, regime: str, arm: str 
     seeds = int(gap.paired_seeds.max()) if len(gap) else 0
     axes[2].set(xlabel="step", ylabel="dB", title=f"SI-SDR {arm} - {baseline}, paired ({seeds} seed(s))")
     fig.suptitle(regime)
+    fig.tight_layout()
+    return fig
+
+
+def plot_bands(summary: pd.DataFrame):
+    """`band_summary` of some regimes: per band (columns), the energy ratio (top: estimate / reference in the band,
+    1 = the band's energy passes) and the band's SI-SDR (bottom) against step, one line per regime and arm (solid:
+    `fixed_rel`-like arms by colour, the regime by line style)."""
+    import matplotlib.pyplot as plt
+
+    bands = sorted(summary.band.unique(), key=lambda b: float(b.split("-")[0]))
+    fig, axes = plt.subplots(2, max(len(bands), 1), figsize=(4.6 * max(len(bands), 1), 6.6), squeeze=False)
+    styles = dict(zip(sorted(summary.regime.unique()), ("-", "--", ":", "-.")))
+    for col, band in zip(axes.T, bands):
+        for (regime, arm), rows in summary[summary.band == band].groupby(["regime", "arm"]):
+            rows = rows.sort_values("step")
+            for ax, metric in zip(col, ("energy_ratio", "si_sdr")):
+                ax.plot(rows.step, rows[metric], styles.get(regime, "-"), marker="o", ms=3,
+                        color=reports.arm_color(arm), label=f"{arm}, {setting_of(regime) or 'small'}")
+        col[0].axhline(1.0, color="grey", lw=0.8, ls=":")
+        col[0].set(title=f"{band}: energy ratio", xlabel="step", yscale="log")
+        col[1].set(title=f"{band}: SI-SDR (dB)", xlabel="step")
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig
