@@ -12,7 +12,9 @@ the other is done too, so neither runs alone while the other is timed.
                                           [--throughput] [--out results/bench_train_step.csv]
 
 bf16 settings need a CPU with native bfloat16 (avx512_bf16 / amx_bf16) and are skipped with a message
-elsewhere. `--throughput` adds one process with all threads against one one-thread process per core.
+elsewhere. `--throughput` adds one process with all threads against one one-thread process per core: which of
+the two finishes a pair of runs sooner (`--group official4096 --settings --throughput`: issue 38's question for the
+official 24 kHz architecture at one level of 4096, its settings read from params/study.yaml's regimes group).
 """
 
 from __future__ import annotations
@@ -47,12 +49,23 @@ SETTINGS = {  # name: (bf16, compile, mel loss as before)
 }
 
 
-def recipe_config(arm: str = "none", setting: str = "fp32") -> TrainConfig:
-    """The cpu scale's training config of one arm (params/scales/cpu.yaml + params/arms/<arm>.yaml), in a setting."""
+def group_overrides(group: str | None) -> dict:
+    """The `set` of a codec group of params/study.yaml's regimes scale (e.g. official4096), or nothing."""
+    if group is None:
+        return {}
+    groups = cfglib.read_overlay(ROOT / "params/study.yaml")["scales"]["regimes"]["codec"]["groups"]
+    if group not in groups:
+        raise SystemExit(f"--group: got {group!r}, allowed one of the regimes scale's groups: {', '.join(groups)}")
+    return dict(groups[group].get("set") or {})
+
+
+def recipe_config(arm: str = "none", setting: str = "fp32", group: str | None = None) -> TrainConfig:
+    """The cpu scale's training config of one arm (params/scales/cpu.yaml + params/arms/<arm>.yaml), in a setting,
+    with a regimes group's settings on top when one is named."""
     bf16, compile_, _ = SETTINGS[setting]
     return cfglib.build(TrainConfig, [cfglib.read_overlay(ROOT / "params/scales/cpu.yaml"),
                                       cfglib.read_overlay(ROOT / f"params/arms/{arm}.yaml"),
-                                      {"bf16": bf16, "compile": compile_}])
+                                      {**group_overrides(group), "bf16": bf16, "compile": compile_}])
 
 
 def worker(setting: str, steps: int, go: Path, stop: Path) -> dict:
@@ -98,22 +111,23 @@ def side_by_side(settings: tuple[str, str], steps: int) -> list[dict]:
         return [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in procs]
 
 
-def throughput_worker(steps: int) -> float:
+def throughput_worker(steps: int, group: str | None = None) -> float:
     """Steps per second of `steps` training steps in this process (after warm-up)."""
-    cfg = recipe_config()
+    cfg = recipe_config(group=group)
     parts = build_parts(cfg, torch.device("cpu"))
     wav = 0.1 * torch.randn(cfg.batch_size, 1, 24_000, generator=torch.Generator().manual_seed(0))
-    train_step(parts, cfg, wav, 24.0, 0)
+    bandwidths = tuple(cfg.target_bandwidths) if cfg.target_bandwidths else BANDWIDTHS
+    train_step(parts, cfg, wav, bandwidths[-1], 0)
     t0 = time.perf_counter()
     for i in range(steps):
-        train_step(parts, cfg, wav, BANDWIDTHS[i % len(BANDWIDTHS)], i + 1)
+        train_step(parts, cfg, wav, bandwidths[i % len(bandwidths)], i + 1)
     return steps / (time.perf_counter() - t0)
 
 
-def throughput(steps: int, processes: int, threads: int) -> float:
+def throughput(steps: int, processes: int, threads: int, group: str | None = None) -> float:
     """Summed steps per second of `processes` concurrent workers with `threads` torch threads each."""
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--throughput-worker", str(steps)]
+    cmd = [sys.executable, __file__, "--throughput-worker", str(steps), *(["--group", group] if group else [])]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(processes)]
     return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["steps_per_s"] for p in procs)
 
@@ -121,10 +135,12 @@ def throughput(steps: int, processes: int, threads: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="timed steps per process (median)")
-    p.add_argument("--settings", nargs="+", default=["fp32", "compile", "bf16", "bf16+compile"],
+    p.add_argument("--settings", nargs="*", default=["fp32", "compile", "bf16", "bf16+compile"],
                    choices=[s for s in SETTINGS if s != "today"], help="settings to time against `today`")
     p.add_argument("--throughput", action="store_true", help="also: 1 process x all threads vs 1 per core")
     p.add_argument("--throughput-steps", type=int, default=20, help="steps per process in the throughput test")
+    p.add_argument("--group", default=None, help="the throughput test on a regimes codec group's settings "
+                   "(e.g. official4096: the official 24 kHz architecture, one level of 4096)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write the figures to")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--flags", type=Path, default=None, help=argparse.SUPPRESS)
@@ -135,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.steps, args.flags / "go", args.flags / "stop")))
         return 0
     if args.throughput_worker is not None:
-        print(json.dumps({"steps_per_s": throughput_worker(args.throughput_worker)}))
+        print(json.dumps({"steps_per_s": throughput_worker(args.throughput_worker, args.group)}))
         return 0
+    group_overrides(args.group)  # a group that is not there: one line, before any worker starts
     cores = os.cpu_count() or 1
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.processor() or platform.machine()}, {cores} cores"
@@ -157,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                  {"what": f"step_today_beside_{setting}", "value": peer["median"], "unit": "s/step"},
                  {"what": f"{setting}_over_today", "value": ratio, "unit": "ratio"}]
     if args.throughput:
-        single = throughput(args.throughput_steps, 1, cores)
-        spread = throughput(args.throughput_steps, cores, 1)
-        print(f"\nthroughput, {args.throughput_steps} steps per process: 1 process x {cores} threads {single:.2f} "
-              f"steps/s; {cores} processes x 1 thread {spread:.2f} steps/s (ratio {spread / single:.2f})")
-        rows += [{"what": f"throughput_1x{cores}_threads", "value": single, "unit": "steps/s"},
-                 {"what": f"throughput_{cores}x1_thread", "value": spread, "unit": "steps/s"}]
+        single = throughput(args.throughput_steps, 1, cores, args.group)
+        spread = throughput(args.throughput_steps, cores, 1, args.group)
+        tag = f"_{args.group}" if args.group else ""
+        print(f"\nthroughput{f' ({args.group})' if args.group else ''}, {args.throughput_steps} steps per process: "
+              f"1 process x {cores} threads {single:.2f} steps/s; {cores} processes x 1 thread {spread:.2f} steps/s "
+              f"(ratio {spread / single:.2f}: above 1, runs side by side finish a pair sooner)")
+        rows += [{"what": f"throughput{tag}_1x{cores}_threads", "value": single, "unit": "steps/s"},
+                 {"what": f"throughput{tag}_{cores}x1_thread", "value": spread, "unit": "steps/s"}]
     if args.out and rows:
         import pandas as pd
 
