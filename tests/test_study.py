@@ -468,11 +468,18 @@ def test_the_regimes_scale_plans_its_groups_the_fine_tuning_source_first_and_the
                       and all(c.parameters["overrides"].get(k) == v for k, v in sets.items()))
     pairs = sorted((a, s) for a in ("none", "fixed_rel") for s in (0, 1, 2))
     single = [c for c in codec if c.parameters["overrides"].get("bins") == 4096 and c.arm in ("none", "fixed_rel")
-              and c.parameters["overrides"]["steps"] == 3000 and "quantizer_warmup" not in c.parameters["overrides"]]
+              and c.parameters["overrides"]["steps"] == 3000 and "quantizer_warmup" not in c.parameters["overrides"]
+              and "model" not in c.parameters["overrides"]]
     assert sorted((c.arm, c.seed) for c in single) == pairs
     # issue 37: the same codebook to 10,000 steps, the init cure, the designs without expiry; K = 16384 x 3 seeds
     assert group(10000) == pairs
-    assert group(3000, quantizer_warmup=250, kmeans_frames=4800) == [("fixed_rel", 0), ("none", 0)]
+    assert group(3000, quantizer_warmup=250, kmeans_frames=4800) == [("fixed_rel", 0), ("fixed_rel", 1),
+                                                                      ("fixed_rel", 2), ("none", 0)]
+    # issue 38: the official 24 kHz architecture, unit-gain init, sub-band scores at every milestone
+    official = [c for c in codec if c.parameters["overrides"].get("model") == "encodec_24khz"]
+    assert sorted((c.arm, c.seed) for c in official) == [("fixed_rel", 0), ("none", 0)]
+    assert all(c.parameters["overrides"]["init"] == "unit_gain" and c.parameters["evaluate"]["bands"] is True
+               and c.parameters["overrides"]["milestones"] == [500, 1000, 2000] for c in official)
     assert sorted((c.arm, c.seed) for c in codec if c.arm in ("dac_commit16", "simvq")) == [("dac_commit16", 0),
                                                                                                ("simvq", 0)]
     assert sorted((c.arm, c.seed) for c in codec if c.parameters["overrides"].get("bins") == 16384) == pairs
