@@ -61,6 +61,9 @@ def test_end_gaps_pair_the_arms_seed_by_seed_and_use_each_kind_of_quality():
     assert "| codec | 64 x 1 | 600 | frozen | 100 | 3 | SI-SDR 2.00 ± 0.00 |" in regimes.decision_markdown(
         decision.reset_index())
     assert regimes.verdict(0.1, 0.2, 3) == "no resolved gap" and regimes.verdict(0.5, math.nan, 1).startswith("one")
+    read_back = decision.reset_index().assign(setting=math.nan)  # decision_table.csv as pandas reads an empty cell
+    shown = regimes.decision_markdown(read_back)
+    assert "| codec | 64 x 1 |" in shown and "nan" not in shown
 
 
 @pytest.mark.skipif(not (RESULTS / "regimes.csv").is_file(), reason="no committed regime map")

@@ -297,7 +297,9 @@ def decision_markdown(decision: pd.DataFrame) -> str:
         saved = (f"{reports.format_ci(100 * r.share_saved, 100 * r.share_saved_ci95, 0)} % at {r.saved_at:.0f}"
                  if np.isfinite(r.share_saved) else "–")
         what = "SNR" if r.quality == "snr_db" else "SI-SDR"
-        kind = f"{r.kind} ({r.setting})" if getattr(r, "setting", "") else r.kind
+        setting = getattr(r, "setting", "")
+        setting = setting if isinstance(setting, str) else ""  # read back from decision_table.csv: NaN for none
+        kind = f"{r.kind} ({setting})" if setting else r.kind
         lines.append(f"| {kind} | {r.bins} x {r.n_q} | {r.frames_per_step} | {r.encoder} | {r.steps} | {r.seeds} | "
                      f"{what} {reports.format_ci(r.quality_gap, r.quality_ci95, 2)} | "
                      f"{reports.format_ci(r.usage_gap, r.usage_ci95, 2)} | {saved} | {r.verdict} |")
