@@ -266,3 +266,22 @@ def test_init_from_a_run_of_another_shape_is_one_line_naming_it(smoke_run, synth
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert str(smoke_run) in err[0] and "encoder does not fit" in err[0]
+
+
+def test_a_complete_run_whose_checkpoint_is_gone_is_read_not_trained_again(synthetic_manifest, tmp_path):
+    """A fresh checkout has a committed run's files but not its checkpoint: a notebook that calls train_run on it
+    (06's variants) renders from its metrics instead of training it from scratch over them."""
+    run_dir = tmp_path / "variant"
+    overrides = {"manifest": str(synthetic_manifest), "progress": False, "steps": 4, "log_every": 2}
+    first = trainlib.train_run([str(SMOKE)], overrides, run_dir)
+    (run_dir / "checkpoint.pt").unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    again = trainlib.train_run([str(SMOKE)], overrides, run_dir)
+    pd.testing.assert_frame_equal(again, first)
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == stamps, "nothing trained, nothing written"
+    # another config in the same folder is not "finished": it trains (and the folder's run is replaced)
+    assert not trainlib.finished_on_disk(smoke_config(synthetic_manifest, run_dir, steps=5, log_every=2))
+    assert trainlib.finished_on_disk(smoke_config(synthetic_manifest, run_dir, steps=4, log_every=2))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (run_dir / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    assert not trainlib.finished_on_disk(smoke_config(synthetic_manifest, run_dir, steps=4, log_every=2))

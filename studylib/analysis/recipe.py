@@ -76,9 +76,9 @@ def train_variant(params: list[str], overrides: dict, run_dir: Path, bandwidth: 
     """Train (or resume) one variant, then score its checkpoint on the test windows at `bandwidth` unless
     that was done after the checkpoint was written (ViSQOL off: the variants compare on SI-SDR and mel)."""
 
-    train_run(params, overrides, run_dir)
-    scores = run_dir / RunFolder.EVAL_ITEMS
-    if not scores.is_file() or scores.stat().st_mtime < (run_dir / RunFolder.CHECKPOINT).stat().st_mtime:
+    train_run(params, overrides, run_dir)  # a complete variant whose checkpoint is gone is read, not trained again
+    scores, checkpoint = run_dir / RunFolder.EVAL_ITEMS, run_dir / RunFolder.CHECKPOINT
+    if not scores.is_file() or (checkpoint.is_file() and scores.stat().st_mtime < checkpoint.stat().st_mtime):
         evaluate_run(run_dir, "test", bandwidths=(bandwidth,), manifest=manifest,
                      progress=overrides.get("progress", False), **{**evaluate, "visqol_items": 0})
     return run_dir

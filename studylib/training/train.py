@@ -643,13 +643,31 @@ if __name__ == "__main__":  # torchrun's entry: SIGTERM (torchrun passes it on) 
     sys.exit(cli(sys.argv[1:]))
 
 
+def finished_on_disk(cfg: TrainConfig) -> bool:
+    """Whether `cfg.run_dir` holds this config's run, complete (its manifest says so, under this config's hash) and
+    without its checkpoint: a committed run on a fresh checkout. A notebook renders from its files (metrics,
+    evaluation) rather than train it again; with its checkpoint there, `train` resumes it (a no-op) as before."""
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / RunFolder.CHECKPOINT).is_file() or not (run_dir / RunFolder.METRICS).is_file():
+        return False
+    try:
+        manifest = read_manifest(run_dir) or {}
+    except ValueError:  # damaged: not a finished run
+        return False
+    return manifest.get("status") == "complete" and \
+        manifest.get("config_hash") == cfglib.config_hash(cfg, exclude=NOT_HASHED)
+
+
 def train_run(params: list[str], overrides: dict, run_dir: str | Path, nproc_per_node: int = 1):
     """Train (or resume) a codec run from a notebook: in this process, or under torchrun with
     `nproc_per_node` processes (DDP: gloo on CPU, nccl on GPU). Returns the run's metrics table."""
 
     sets = {**overrides, "run_dir": str(run_dir)}
+    cfg = cfglib.build(TrainConfig, [*(cfglib.read_overlay(p) for p in params), sets])
+    if finished_on_disk(cfg):  # its checkpoint gone (they stay out of git): the run is complete, not trained again
+        return read_parquet(Path(run_dir) / RunFolder.METRICS)
     if nproc_per_node == 1:
-        run = train(cfglib.build(TrainConfig, [*(cfglib.read_overlay(p) for p in params), sets]))
+        run = train(cfg)
         if run.status != "complete":
             raise RuntimeError(f"training failed: {(read_manifest(run_dir) or {}).get('error')}")
         return run.metrics
