@@ -180,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nthroughput{f' ({args.group})' if args.group else ''}, {args.throughput_steps} steps per process: "
               f"1 process x {cores} threads {single:.2f} steps/s; {cores} processes x 1 thread {spread:.2f} steps/s "
               f"(ratio {spread / single:.2f}: above 1, runs side by side finish a pair sooner)")
-        rows += [{"what": f"throughput{tag}_1x{cores}_threads", "value": single, "unit": "steps/s"},
-                 {"what": f"throughput{tag}_{cores}x1_thread", "value": spread, "unit": "steps/s"}]
+        rows += [{"what": f"throughput{tag}_1x{cores}_threads", "value": single, "unit": "steps/s",
+                  "repeats": args.throughput_steps},
+                 {"what": f"throughput{tag}_{cores}x1_thread", "value": spread, "unit": "steps/s",
+                  "repeats": args.throughput_steps}]
     if args.out and rows:
         import pandas as pd
 
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_csv(df, out: Path, repeats: int, when: str, machine: str) -> None:
     """The figures, with how many timed steps (repeats), when and on what they were measured."""
-    df["repeats"], df["date"], df["machine"] = repeats, when, machine
+    df["repeats"] = df["repeats"].fillna(repeats).astype(int) if "repeats" in df else repeats  # timed steps per row
+    df["date"], df["machine"] = when, machine
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     print(f"wrote {out}")
