@@ -10,6 +10,7 @@ and a sub-band SI-SDR that says in which frequency band a source's waveform erro
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,11 +103,9 @@ def band_rows(run_folder: str | Path, final_step: int) -> pd.DataFrame:
     Empty when the run kept no sub-band scores."""
     folder, frames = Path(run_folder), []
     for path in sorted(folder.glob("eval_test*_bands.parquet")):
-        tag = path.name.removeprefix("eval_test").removesuffix("_bands.parquet")
-        step = final_step if tag == "" else int(tag.removeprefix("_step")) if tag.removeprefix("_step").isdigit() \
-            else None
-        if step is not None:
-            frames.append(read_parquet(path).assign(step=step))
+        found = re.fullmatch(r"eval_test(?:_step(\d+))?_bands\.parquet", path.name)  # the final one's, a milestone's
+        if found:
+            frames.append(read_parquet(path).assign(step=int(found[1]) if found[1] else final_step))
     if not frames:
         return pd.DataFrame(columns=["step", "bandwidth", "band", "si_sdr", "energy_ratio", "energy_share", "windows"])
     table = pd.concat(frames, ignore_index=True)

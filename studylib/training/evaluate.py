@@ -137,13 +137,13 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
         check_writable(run_dir, 8 << 20)  # tables and example FLACs: a few MB
     rate = codec.config.sample_rate
     dataset, info = eval_windows(manifest, split, seconds, per_kind, rate)
-    kinds = info.set_index("item").kind
+    kinds, sources = info.set_index("item").kind, info.set_index("item").source
     visqol_ids = set(info.groupby("kind").head(visqol_items).item) if visqol_items > 0 else set()
     example_ids = _examples_to_save(info, examples_per_kind)
     frame_rate, bins = codec.config.frame_rate, codec.config.bins
     levels = {bw: codec.quantizer.get_num_quantizers_for_bandwidth(frame_rate, bw) for bw in bandwidths}
 
-    rows, level_rows, codes_by_bw = [], [], {bw: [] for bw in bandwidths}
+    rows, level_rows, band_frames, codes_by_bw = [], [], [], {bw: [] for bw in bandwidths}
     ids_all = info.item.tolist()
     batches = [ids_all[i: i + batch_size] for i in range(0, len(ids_all), batch_size)]
     for ids in tqdm(batches, desc=f"evaluate {split}", disable=not progress):
@@ -155,6 +155,8 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
             codes = all_codes[: levels[bw]]
             audio = codec.decode(codes)[..., : wav.shape[-1]]
             codes_by_bw[bw].append(codes.flatten(1))
+            if bands:  # on the audio just decoded: no second pass through the codec
+                band_frames.append(_band_frame(audio, wav, ids, sources[ids].to_numpy(), bw, rate))
             for pos, (i, row) in enumerate(zip(ids, score(audio[:, 0], wav[:, 0], rate))):
                 if i in visqol_ids:
                     row |= visqol_scores(audio[pos, 0], wav[pos, 0], kinds[i], rate)
@@ -177,7 +179,7 @@ def evaluate(run: str | Path | Codec, split: str = "test", bandwidths: tuple[flo
     result = Evaluation(info.merge(pd.DataFrame(rows), on="item"), pd.concat(level_rows, ignore_index=True),
                         frequency, examples)
     if bands:
-        result.bands = band_scores(codec, manifest, split, seconds, per_kind, bandwidths, batch_size=batch_size)
+        result.bands = _band_table(band_frames)
     if run_dir is not None:
         write_parquet(result.items, run_dir / f"eval_{split}{suffix}.parquet")
         write_parquet(result.levels, run_dir / f"eval_{split}{suffix}_levels.parquet")
@@ -267,18 +269,30 @@ def band_scores(codec: Codec, manifest: str | Path, split: str = "test", seconds
         wav = torch.stack([dataset[int(i)] for i in chunk["item"]])  # [B, 1, T]
         for bw in bandwidths:
             audio = codec.decode(codec.encode(wav, bw))[..., : wav.shape[-1]]
-            table = metrics.band_si_sdr(audio[:, 0], wav[:, 0], rate)
-            full = metrics.si_sdr(audio[:, 0].double(), wav[:, 0].double()).numpy()
-            table["full_band_si_sdr"] = full[table.item_pos]
-            table["item"] = chunk["item"].to_numpy()[table.item_pos]
-            table["source"] = chunk["source"].to_numpy()[table.item_pos]
-            frames.append(table.assign(bandwidth=bw).drop(columns="item_pos"))
+            frames.append(_band_frame(audio, wav, chunk["item"].tolist(), chunk["source"].to_numpy(), bw, rate))
+    return _band_table(frames)
+
+
+def _band_frame(audio: torch.Tensor, wav: torch.Tensor, items: list[int], sources: np.ndarray, bw: float,
+                rate: int) -> pd.DataFrame:
+    """`metrics.band_si_sdr` of one batch (audio, wav [B, 1, T]) at one bandwidth, the full-band SI-SDR beside it,
+    tagged with the windows' items and sources."""
+    table = metrics.band_si_sdr(audio[:, 0], wav[:, 0], rate)
+    full = metrics.si_sdr(audio[:, 0].double(), wav[:, 0].double()).numpy()
+    table["full_band_si_sdr"] = full[table.item_pos]
+    table["item"] = np.asarray(items)[table.item_pos]
+    table["source"] = sources[table.item_pos]
+    return table.assign(bandwidth=bw).drop(columns="item_pos")
+
+
+def _band_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The batches' `_band_frame`s as one table, per bandwidth, per band, per window (the order of the tables 07
+    keeps, computed in one batch before)."""
     columns = ["band", "si_sdr", "energy_share", "energy_ratio", "full_band_si_sdr", "item", "source", "bandwidth"]
     if not frames:
         return pd.DataFrame(columns=columns)
     table = pd.concat(frames, ignore_index=True)
     order = {f"{low / 1000:g}-{high / 1000:g} kHz": i for i, (low, high) in enumerate(metrics.BANDS)}
-    # per bandwidth, per band, per window: the order of the tables 07 keeps (computed in one batch before)
     table = table.sort_values(["bandwidth", "band", "item"], key=lambda c: c.map(order) if c.name == "band" else c)
     return table[columns].reset_index(drop=True)
 
