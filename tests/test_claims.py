@@ -86,21 +86,23 @@ def test_codec_summary_is_over_seeds_with_several_and_over_windows_with_one():
                          "mel_distance": 3.0, "visqol_audio": 2.0})
     table = claims.codec_summary(items, levels, opus).set_index("arm")
     assert table.loc["a", "ci_over"] == "2 seeds" and table.loc["b", "ci_over"] == "2 items"
-    assert table.loc["a", "si_sdr"] == pytest.approx(4.0)
-    assert table.loc["a", "si_sdr_ci95"] == pytest.approx(stats.t_ci95([2.0, 6.0])[1])
-    assert table.loc["b", "usage"] == 0.25 and math.isnan(table.loc["a"].get("visqol_audio", math.nan))
-    assert table.loc["opus", "kbps"] == 6.3 and table.loc["opus", "si_sdr"] == pytest.approx(1.5)
+    assert table.loc["a", "si_sdr_db"] == pytest.approx(4.0)  # a study table: the study's column names
+    assert table.loc["a", "si_sdr_db_ci95"] == pytest.approx(stats.t_ci95([2.0, 6.0])[1])
+    assert table.loc["b", "usage"] == 0.25 and math.isnan(table.loc["a"].get("visqol", math.nan))
+    assert table.loc["opus", "bandwidth_kbps"] == 6.3 and table.loc["opus", "si_sdr_db"] == pytest.approx(1.5)
+    assert not {"si_sdr", "kbps", "visqol_audio", "bandwidth"} & set(table.columns)
 
 
 def test_paper_anchor_and_headline_take_the_focus_bandwidth_and_the_nearest_opus():
-    summary = pd.DataFrame({"arm": ["none", "none", "opus", "opus"], "kbps": [1.5, 6.0, 4.5, 5.5],
-                            "si_sdr": [1.0, 2.0, -7.0, 3.0], "si_sdr_ci95": [0.1, 0.2, 1.0, 1.0],
-                            "visqol_audio": [2.0, 3.0, 1.0, 2.5], "usage": [0.5, 0.6, math.nan, math.nan]})
+    summary = pd.DataFrame({"arm": ["none", "none", "opus", "opus"], "bandwidth_kbps": [1.5, 6.0, 4.5, 5.5],
+                            "si_sdr_db": [1.0, 2.0, -7.0, 3.0], "si_sdr_db_ci95": [0.1, 0.2, 1.0, 1.0],
+                            "visqol": [2.0, 3.0, 1.0, 2.5], "usage": [0.5, 0.6, math.nan, math.nan]})
     anchor = claims.paper_anchor(summary, 6.0)
     assert list(anchor.system) == ["EnCodec paper, 24 kHz streamable", "Opus (paper)", "this study: none",
                                    "this study: opus"]
-    assert anchor.kbps.tolist()[2:] == [6.0, 5.5]
+    assert anchor.bandwidth_kbps.tolist()[2:] == [6.0, 5.5]
+    assert anchor.si_sdr_db.tolist() == [6.67, 2.45, 2.0, 3.0]  # the paper's numbers from analysis.anchors
     head = claims.compare_headline(summary, 6.0, True, 3, [0, 1], plateau=False)
     assert head["upstream_identical_to_none"] is True and head["runs"] == 3 and head["seeds"] == [0, 1]
-    assert head["arms"] == {"none": {"si_sdr": 2.0, "si_sdr_ci95": 0.2, "visqol_audio": 3.0, "usage": 0.6}}
+    assert head["arms"] == {"none": {"si_sdr_db": 2.0, "si_sdr_db_ci95": 0.2, "visqol": 3.0, "usage": 0.6}}
     assert set(head["opus"]) == {"4.5", "5.5"} and head["codecs_on_initial_plateau"] is False

@@ -75,7 +75,7 @@ def test_a_damaged_evaluation_is_moved_aside_and_made_again_not_read(run_folder,
 def test_an_empty_table_keeps_its_header(tmp_path):
     gains = horizon.gains(pd.DataFrame(columns=["arm", "seed", "step", "si_sdr"]))
     gains.to_csv(tmp_path / "gains.csv", index=False)
-    assert list(pd.read_csv(tmp_path / "gains.csv").columns) == ["arm", "to_step", "metric", "si_sdr_gain", "ci95",
+    assert list(pd.read_csv(tmp_path / "gains.csv").columns) == ["arm", "to_step", "metric", "si_sdr_db_gain", "ci95",
                                                                 "n_seeds"]
     assert list(stats.seed_summary(pd.DataFrame(columns=["arm", "seed", "x"]), ["arm"], ["x"]).columns) == [
         "arm", "metric", "mean", "ci95", "n_seeds"]

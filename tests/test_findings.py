@@ -93,10 +93,10 @@ def alternatives_summary() -> pd.DataFrame:
 def test_alternatives_pair_each_design_with_each_baseline_at_each_bitrate():
     table = findings.alternatives(alternatives_summary(), "cpu")
     assert len(table) == 3 * 2 * 2  # kbps x baselines x arms
-    row = table[(table.arm == "dac") & (table.baseline == "fixed_rel") & (table.kbps == 6.0)].iloc[0]
+    row = table[(table.arm == "dac") & (table.baseline == "fixed_rel") & (table.bandwidth_kbps == 6.0)].iloc[0]
     assert row.paired_seeds == 3 and row.d_si_sdr_db == pytest.approx(0.5) and row.d_mel_distance == 0
     assert row.r_train_minutes == pytest.approx(1.1)
-    sim = table[(table.arm == "simvq") & (table.baseline == "none") & (table.kbps == 1.5)].iloc[0]
+    sim = table[(table.arm == "simvq") & (table.baseline == "none") & (table.bandwidth_kbps == 1.5)].iloc[0]
     assert sim.paired_seeds == 1 and sim.d_si_sdr_db == pytest.approx(-1.0) and math.isnan(sim.d_si_sdr_db_ci95)
     assert findings.alternatives(alternatives_summary(), "gpu").empty
 

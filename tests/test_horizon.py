@@ -148,7 +148,7 @@ def test_gains_measure_the_rise_over_each_window():
                            for s in (0, 1) for step in range(250, 3001, 250)])
     gains = horizon.gains(curves).set_index("to_step")
     assert list(gains.index) == [1000, 1500, 2000, 2500, 3000]
-    assert gains.si_sdr_gain.tolist() == pytest.approx([0.5] * 5) and (gains.n_seeds == 2).all()
+    assert gains.si_sdr_db_gain.tolist() == pytest.approx([0.5] * 5) and (gains.n_seeds == 2).all()
 
 
 def test_equivalence_passes_within_tolerance_or_when_the_interval_covers_zero():

@@ -42,10 +42,10 @@ def test_curves_and_the_step_a_run_leaves_the_plateau():
 
 
 def test_targets_are_strict_where_the_issue_says_above():
-    scores = pd.DataFrame({"si_sdr": [0.0, 0.1, 3.0], "perplexity_l0": [64.0, 64.0, 63.9],
+    scores = pd.DataFrame({"si_sdr_db": [0.0, 0.1, 3.0], "perplexity_l0": [64.0, 64.0, 63.9],
                            "mel_distance": [4.0, 4.0, 3.0]})
     verdict = recipe.targets(scores)
-    assert verdict.si_sdr_ok.tolist() == [False, True, True]
+    assert verdict.si_sdr_db_ok.tolist() == [False, True, True]
     assert verdict.perplexity_l0_ok.tolist() == [True, True, False]
     assert verdict.mel_distance_ok.tolist() == [True, True, True]
     assert verdict.meets_targets.tolist() == [False, True, False]
@@ -65,10 +65,10 @@ def fake_run(folder: Path, seed: int, si_sdr: list[float]) -> Path:
 def test_run_tables(tmp_path):
     runs = {"a": fake_run(tmp_path / "a", 0, [-46.0, -20.0, 1.0, 2.0]), "b": fake_run(tmp_path / "b", 0, [-46.0] * 4)}
     scores = recipe.test_scores(runs["a"], 6.0)
-    assert scores == pytest.approx({"si_sdr": 2.0, "mel_distance": 3.5, "perplexity_l0": 80.0, "usage_mean": 0.3})
+    assert scores == pytest.approx({"si_sdr_db": 2.0, "mel_distance": 3.5, "perplexity_l0": 80.0, "usage_mean": 0.3})
     curve = pd.concat([recipe.run_curve(d, name) for name, d in runs.items()], ignore_index=True)
     table = recipe.variant_table({"a": {"change": "x"}, "b": {"change": "y"}}, runs, curve, 6.0).set_index("variant")
     assert table.loc["a", "left_plateau"] == 100 and pd.isna(table.loc["b", "left_plateau"])
-    assert table.loc["a", "test_si_sdr"] == 2.0 and table.loc["a", "valid_si_sdr"] == 2.0
+    assert table.loc["a", "test_si_sdr_db"] == 2.0 and table.loc["a", "valid_si_sdr_db"] == 2.0
     chosen = recipe.chosen_scores([runs["a"], tmp_path / "missing"], 6.0)
     assert chosen.run.tolist() == ["a"] and chosen.steps.tolist() == [200]

@@ -88,7 +88,7 @@ def test_the_band_table_reads_every_scored_step_of_the_runs_that_kept_sub_band_s
     """Issue 38: the small codec's K = 4096 runs carry sub-band tables at every milestone and the end."""
     bands = regimes.band_table(RESULTS, ("regimes",))
     longer = bands[bands.regime == "codec K=4096 x1 600f trained 10000 steps"]
-    assert set(longer.arm) == {"none", "fixed_rel"} and set(longer.bandwidth) == {0.9}
+    assert set(longer.arm) == {"none", "fixed_rel"} and set(longer.bandwidth_kbps) == {0.9}
     for _, run in longer.groupby("run"):
         assert sorted(run.step.unique()) == [500, 1000, 2000, 3000, 5000, 7500, 10000]
         assert (run.groupby("step").band.nunique() == 3).all() and (run.windows == 64).all()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pandas as pd
 
 from studylib.analysis import anchors, reports, stats
+from studylib.training.columns import study_names
 
 SAME_FRAMES = ("upstream", "none")  # the pair the bug makes identical
 # the fixed_rel setting shown beside the other arms (Moshi's threshold 0.1, checked every 5 steps)
@@ -118,7 +119,8 @@ def codec_summary(items: pd.DataFrame, levels: pd.DataFrame, opus: pd.DataFrame 
     """Per arm and bandwidth: mean and 95 % CI half-width of `metrics` over seeds (per-seed means over the test
     windows first), over the test windows when there is one seed (`ci_over` says which); the levels'
     usage, perplexity, entropy and bitrate efficiency averaged. Opus (tagged `kbps`: the bitrate spent) is
-    added per requested bitrate, its CI over windows."""
+    added per requested bitrate, its CI over windows. Columns in the study's vocabulary (`training.columns`):
+    `bandwidth_kbps`, `si_sdr_db`, `visqol`, each with its `_ci95`."""
     rows = []
     for (arm, bw), group in items.groupby(["arm", "bandwidth"]):
         unit = "seed" if group.seed.nunique() > 1 else "item"
@@ -137,41 +139,41 @@ def codec_summary(items: pd.DataFrame, levels: pd.DataFrame, opus: pd.DataFrame 
             if metric in group:
                 row[metric], row[f"{metric}_ci95"] = stats.t_ci95(group.groupby("item")[metric].mean().tolist())
         rows.append(row)
-    return pd.DataFrame(rows)
+    return study_names(pd.DataFrame(rows))  # a study table: si_sdr_db, visqol, bandwidth_kbps
 
 
 def focus_rows(summary: pd.DataFrame, focus_kbps: float) -> pd.DataFrame:
     """`codec_summary` at `focus_kbps`, with every Opus row."""
-    return summary[(summary.kbps == focus_kbps) | (summary.arm == "opus")]
+    return summary[(summary.bandwidth_kbps == focus_kbps) | (summary.arm == "opus")]
 
 
 def paper_anchor(summary: pd.DataFrame, focus_kbps: float) -> pd.DataFrame:
     """The EnCodec paper's 6 kbps rows (its model and its Opus, on its test set) beside this study's arms at
     `focus_kbps` and the Opus bitrate nearest it: a far anchor (other data, model size and budget)."""
     focus = focus_rows(summary, focus_kbps)
-    opus_kbps = focus[focus.arm == "opus"].kbps
+    opus_kbps = focus[focus.arm == "opus"].bandwidth_kbps
     nearest = (opus_kbps - focus_kbps).abs().min() if len(opus_kbps) else None
-    paper = [{"system": anchor["system"], "kbps": anchors.ENCODEC_PAPER_KBPS, "si_sdr": anchor["si_sdr_db"],
-              "visqol_audio": anchor["visqol"], "data": "paper's test set"}
+    paper = [{"system": anchor["system"], "bandwidth_kbps": anchors.ENCODEC_PAPER_KBPS,
+              "si_sdr_db": anchor["si_sdr_db"], "visqol": anchor["visqol"], "data": "paper's test set"}
              for anchor in (anchors.ENCODEC_PAPER, anchors.OPUS_PAPER)]
-    ours = [{"system": f"this study: {r.arm}", "kbps": r.kbps, "si_sdr": r.si_sdr,
-             "visqol_audio": getattr(r, "visqol_audio", float("nan")), "data": "this corpus, this scale"}
-            for r in focus.itertuples() if r.arm != "opus" or abs(r.kbps - focus_kbps) == nearest]
+    ours = [{"system": f"this study: {r.arm}", "bandwidth_kbps": r.bandwidth_kbps, "si_sdr_db": r.si_sdr_db,
+             "visqol": getattr(r, "visqol", float("nan")), "data": "this corpus, this scale"}
+            for r in focus.itertuples() if r.arm != "opus" or abs(r.bandwidth_kbps - focus_kbps) == nearest]
     return pd.DataFrame(paper + ours)
 
 
 def compare_headline(summary: pd.DataFrame, focus_kbps: float, upstream_is_none: bool | None, runs: int,
                      seeds: list[int], plateau: bool) -> dict:
     """04_compare's summary.json: the identical-runs claim and each arm's scores at `focus_kbps`."""
-    at_focus = summary[summary.kbps == focus_kbps].set_index("arm")
-    columns = [c for c in ("si_sdr", "si_sdr_ci95", "mel_distance", "visqol_audio", "usage", "perplexity",
+    at_focus = summary[summary.bandwidth_kbps == focus_kbps].set_index("arm")
+    columns = [c for c in ("si_sdr_db", "si_sdr_db_ci95", "mel_distance", "visqol", "usage", "perplexity",
                            "bitrate_efficiency") if c in at_focus]
     return {
         "upstream_identical_to_none": upstream_is_none,
         "focus_kbps": focus_kbps,
         "arms": {arm: {k: (None if pd.isna(v) else float(v)) for k, v in at_focus.loc[arm, columns].items()}
                  for arm in at_focus.index},
-        "opus": {f"{r.kbps:g}": {"si_sdr": r.si_sdr, "visqol_audio": getattr(r, "visqol_audio", None)}
+        "opus": {f"{r.bandwidth_kbps:g}": {"si_sdr_db": r.si_sdr_db, "visqol": getattr(r, "visqol", None)}
                  for r in summary[summary.arm == "opus"].itertuples()},
         "runs": runs, "seeds": seeds, "codecs_on_initial_plateau": bool(plateau),
     }

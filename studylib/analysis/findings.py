@@ -174,9 +174,9 @@ def alternatives(summary: pd.DataFrame, scale: str, arms: tuple[str, ...] = ALTE
     for kbps in [b for b in bandwidths if b in set(at.bandwidth_kbps)]:
         for baseline in baselines:
             diffs = paired_differences(summary, scale, kbps, baseline, ratios=("train_minutes",))
-            frames.append(diffs[diffs.arm.isin(arms)].assign(kbps=kbps))
+            frames.append(diffs[diffs.arm.isin(arms)].assign(bandwidth_kbps=kbps))
     frames = [f for f in frames if len(f)]
-    columns = [*_paired_columns(("train_minutes",)), "kbps"]
+    columns = [*_paired_columns(("train_minutes",)), "bandwidth_kbps"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
@@ -195,7 +195,8 @@ def answer(table: pd.DataFrame, arm: str, kbps: float, versus: str = "fixed_rel"
     """The issue's question for one alternative at one bitrate, from `alternatives`' table, in one sentence: does
     switching to `arm` beat fixing the expiry (`versus`) on audio quality (SI-SDR and mel distance, paired by
     seed), and what does it do to code use and training time? Says so whichever way the numbers fall."""
-    rows = table[(table.arm == arm) & (table.kbps == kbps) & (table.baseline == versus)] if len(table) else table
+    rows = table[(table.arm == arm) & (table.bandwidth_kbps == kbps) & (table.baseline == versus)] \
+        if len(table) else table
     if not len(rows):
         return f"{arm} vs {versus} at {kbps:g} kbps: no paired runs"
     row = rows.iloc[0]

@@ -22,6 +22,7 @@ from studylib.analysis.anchors import ENCODEC_PAPER
 from studylib.analysis.records import RunRecord
 from studylib.core.storage import read_parquet, warn, write_parquet
 from studylib.model.codec import SAMPLE_RATE
+from studylib.training.columns import study_name, study_names
 from studylib.training.evaluate import band_scores, eval_windows, evaluation_files
 from studylib.training.run_folder import RunFolder, load_checkpoint
 
@@ -47,7 +48,8 @@ def gains(curves: pd.DataFrame, window: int = 500, metric: str = "si_sdr") -> pd
                 rows.append({"arm": arm, "seed": seed, "to_step": int(end),
                              "gain": float(by_step[end] - by_step[end - window])})
     per_seed = pd.DataFrame(rows, columns=["arm", "seed", "to_step", "gain"])  # empty: still the header
-    return stats.seed_summary(per_seed, ["arm", "to_step"], ["gain"]).rename(columns={"mean": f"{metric}_gain"})
+    gain = f"{study_name(metric)}_gain"  # a study table: si_sdr_db_gain
+    return stats.seed_summary(per_seed, ["arm", "to_step"], ["gain"]).rename(columns={"mean": gain})
 
 
 def plot_paired_over_steps(paired: pd.DataFrame, panels: Sequence[tuple[str, float]] = PAIRED_PANELS):
@@ -81,14 +83,15 @@ def plot_paired_over_steps(paired: pd.DataFrame, panels: Sequence[tuple[str, flo
 def per_source(items: pd.DataFrame, opus: pd.DataFrame | None = None,
                metrics: Sequence[str] = ("si_sdr", "mel_distance")) -> pd.DataFrame:
     """Per arm, source and bandwidth: the mean over seeds of each seed's mean over the source's windows (Opus:
-    over windows), `items` being eval_test tables tagged arm and seed (`study.run_tables`)."""
+    over windows), `items` being eval_test tables tagged arm and seed (`study.run_tables`). A study table: its
+    columns are named as `training.columns` says (`bandwidth_kbps`, `si_sdr_db`)."""
     per_seed = items.groupby(["arm", "source", "bandwidth", "seed"])[list(metrics)].mean().reset_index()
     table = per_seed.groupby(["arm", "source", "bandwidth"])[list(metrics)].mean().reset_index()
     table["seeds"] = per_seed.groupby(["arm", "source", "bandwidth"]).seed.nunique().to_numpy()
     if opus is not None and len(opus):
         o = opus.groupby(["source", "bandwidth"])[list(metrics)].mean().reset_index().assign(arm="opus", seeds=0)
         table = pd.concat([table, o], ignore_index=True)
-    return table
+    return study_names(table)
 
 
 # a run's band_scores at its final checkpoint, kept beside its other tables (and committed with them): the file an

@@ -15,13 +15,14 @@ import torch
 
 from studylib.core.storage import read_json, read_parquet
 from studylib.model.codec import Codec
+from studylib.training.columns import study_name
 from studylib.training.evaluate import evaluate as evaluate_run
 from studylib.training.run_folder import RunFolder
 from studylib.training.train import train_run
 
 CHOSEN = "chosen recipe"  # the label of the grid's runs of the recipe itself
 # The targets of the recipe (study corpus test split, 6 kbps) and the plateau they are measured against.
-TARGETS = {"si_sdr": ("above", 0.0), "perplexity_l0": ("at least", 64.0), "mel_distance": ("at most", 4.0)}
+TARGETS = {"si_sdr_db": ("above", 0.0), "perplexity_l0": ("at least", 64.0), "mel_distance": ("at most", 4.0)}
 
 
 @torch.no_grad()
@@ -58,7 +59,7 @@ def left_plateau(curve: pd.DataFrame, plateau_si_sdr: float = -30.0) -> int | No
 
 
 def targets(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per row of `scores` (si_sdr, perplexity_l0, mel_distance at 6 kbps), whether each target is met."""
+    """Per row of `scores` (si_sdr_db, perplexity_l0, mel_distance at 6 kbps), whether each target is met."""
     out = scores.copy()
     for metric, (how, bound) in TARGETS.items():
         value = out[metric]
@@ -94,12 +95,12 @@ def run_curve(run_dir: Path, label: str) -> pd.DataFrame:
 
 def test_scores(run_dir: Path, bandwidth: float) -> dict:
     """A run's test-window scores at `bandwidth`: mean SI-SDR and mel distance over windows, level-0
-    perplexity of all test frames, mean code usage over the levels."""
+    perplexity of all test frames, mean code usage over the levels (in the study tables' vocabulary)."""
 
     items = read_parquet(run_dir / RunFolder.EVAL_ITEMS)
     levels = read_parquet(run_dir / RunFolder.EVAL_LEVELS)
     items, levels = items[items.bandwidth == bandwidth], levels[levels.bandwidth == bandwidth]
-    return {"si_sdr": items.si_sdr.mean(), "mel_distance": items.mel_distance.mean(),
+    return {"si_sdr_db": items.si_sdr.mean(), "mel_distance": items.mel_distance.mean(),
             "perplexity_l0": float(levels[levels.level == 0].perplexity.iloc[0]), "usage_mean": levels.usage.mean()}
 
 
@@ -123,7 +124,7 @@ def variant_table(variants: dict[str, dict], runs: dict[str, Path], curve: pd.Da
         c = curve[curve.variant == name]
         rows.append({"variant": name, "change": variants[name]["change"], "steps": int(c.step.max()),
                      "minutes": c.minutes.max(), "left_plateau": left_plateau(c),
-                     **{f"valid_{k}": c[k].iloc[-1] for k in ("si_sdr", "mel_distance", "perplexity_l0")},
+                     **{study_name(f"valid_{k}"): c[k].iloc[-1] for k in ("si_sdr", "mel_distance", "perplexity_l0")},
                      **{f"test_{k}": v for k, v in test_scores(run_dir, bandwidth).items()}})
     return pd.DataFrame(rows)
 

@@ -23,6 +23,7 @@ from studylib.analysis import horizon, recipe, reports, stats
 from studylib.analysis.records import RunRecord, list_runs
 from studylib.core.storage import DamagedFile, read_parquet, warn
 from studylib.model.codec import CodecConfig
+from studylib.training.columns import study_names
 
 COLUMNS = ["regime", "kind", "scale", "arm", "seed", "run", "step", "bins", "n_q", "frames_per_step", "encoder",
            "bandwidth_kbps", "usage", "perplexity", "dead_codes", "si_sdr_db", "mel_distance", "snr_db", "model",
@@ -132,7 +133,7 @@ def band_table(results: str | Path, scales: tuple[str, ...] = SCALES) -> pd.Data
     """Issue 38: which band a codec passes. Every codec run of `scales` that kept sub-band scores
     (`evaluate --add-bands`, or `bands` in its evaluation): one row per scored step x band at the run's bitrate
     (`horizon.band_rows`: mean over the test windows of the band's SI-SDR, energy ratio and share), tagged like
-    `codec_rows`."""
+    `codec_rows`, its columns in the study's vocabulary (`bandwidth_kbps`, `si_sdr_db`)."""
     frames = []
     for scale in scales:
         if not (Path(results) / scale / "runs").is_dir():
@@ -146,10 +147,11 @@ def band_table(results: str | Path, scales: tuple[str, ...] = SCALES) -> pd.Data
                 continue
             bands = bands[np.isclose(bands.bandwidth.astype(float), float(cfg.get("valid_bandwidth", 6.0)))]
             if len(bands):
-                frames.append(bands.assign(regime=regime_name("codec", **shape, **setting), scale=scale,
-                                           arm=run.arm, seed=run.seed, run=run.name, model=setting["model"]))
-    columns = ["regime", "model", "scale", "arm", "seed", "run", "step", "bandwidth", "band", "si_sdr", "energy_ratio",
-               "energy_share", "windows"]
+                regime = regime_name("codec", **shape, **setting)
+                frames.append(study_names(bands).assign(regime=regime, scale=scale, arm=run.arm, seed=run.seed,
+                                                        run=run.name, model=setting["model"]))
+    columns = ["regime", "model", "scale", "arm", "seed", "run", "step", "bandwidth_kbps", "band", "si_sdr_db",
+               "energy_ratio", "energy_share", "windows"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
@@ -157,8 +159,8 @@ def band_summary(bands: pd.DataFrame) -> pd.DataFrame:
     """`band_table` per regime, arm, step and band: the mean over seeds of the band's SI-SDR and energy ratio."""
     keys = ["regime", "model", "arm", "step", "band"]
     if bands.empty:
-        return pd.DataFrame(columns=[*keys, "si_sdr", "energy_ratio", "seeds"])
-    return bands.groupby(keys).agg(si_sdr=("si_sdr", "mean"), energy_ratio=("energy_ratio", "mean"),
+        return pd.DataFrame(columns=[*keys, "si_sdr_db", "energy_ratio", "seeds"])
+    return bands.groupby(keys).agg(si_sdr_db=("si_sdr_db", "mean"), energy_ratio=("energy_ratio", "mean"),
                                    seeds=("seed", "nunique")).reset_index()
 
 
@@ -347,7 +349,7 @@ def plot_bands(summary: pd.DataFrame):
     for col, band in zip(axes.T, bands):
         for (regime, arm), rows in summary[summary.band == band].groupby(["regime", "arm"]):
             rows = rows.sort_values("step")
-            for ax, metric in zip(col, ("energy_ratio", "si_sdr")):
+            for ax, metric in zip(col, ("energy_ratio", "si_sdr_db")):
                 ax.plot(rows.step, rows[metric], styles.get(regime, "-"), marker="o", ms=3,
                         color=reports.arm_color(arm), label=f"{arm}, {setting_of(regime) or 'small'}")
         col[0].axhline(1.0, color="grey", lw=0.8, ls=":")

@@ -191,13 +191,14 @@ def plot_alternatives(table: pd.DataFrame, metrics: Sequence[tuple[str, str]]):
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
     for ax, (metric, label) in zip(axes.flat, metrics):
-        for (arm, baseline), rows in table.sort_values("kbps").groupby(["arm", "baseline"], sort=False):
-            ax.errorbar(rows.kbps, rows[f"d_{metric}"], yerr=rows[f"d_{metric}_ci95"].fillna(0), marker="o",
+        for (arm, baseline), rows in table.sort_values("bandwidth_kbps").groupby(["arm", "baseline"], sort=False):
+            ax.errorbar(rows.bandwidth_kbps, rows[f"d_{metric}"], yerr=rows[f"d_{metric}_ci95"].fillna(0), marker="o",
                         capsize=3, color=arm_color(arm), ls="-" if baseline == "fixed_rel" else "--",
                         label=f"{arm} - {baseline}")
         ax.axhline(0, color="k", lw=0.8)
         ax.set(title=f"{label}: alternative - baseline", xlabel="nominal kbps", xscale="log")
-        ax.set_xticks(sorted(table.kbps.unique()), [f"{k:g}" for k in sorted(table.kbps.unique())])
+        kbps = sorted(table.bandwidth_kbps.unique())
+        ax.set_xticks(kbps, [f"{k:g}" for k in kbps])
         ax.minorticks_off()
     axes[0][0].legend(fontsize="x-small")
     fig.tight_layout()
