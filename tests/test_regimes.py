@@ -130,3 +130,30 @@ def test_which_cure_pairs_every_arm_and_init_with_none_and_fixed_rel_by_seed():
     assert table.loc["simvq", "vs_fixed_rel_seeds"] == 3
     assert table.loc["fixed_rel", "si_sdr_db_ci95"] == pytest.approx(stats.t_ci95([2.0, 2.1, 2.2])[1])
     assert "`none + init cure` | 3 |" in findings.which_cure_markdown(table.reset_index())
+
+
+def test_architecture_table_pairs_the_arms_per_model_and_step_at_the_runs_bitrate():
+    from studylib.analysis import findings
+
+    rows = []
+    for model, seeds, gap in (("small", (0, 1, 2), 2.0), ("encodec_24khz", (0,), 3.0)):
+        for arm in ("none", "fixed_rel"):
+            for seed in seeds:
+                for steps, final in ((500, False), (3000, True)):
+                    for kbps in (0.9, 1.5):  # the run's bitrate is its lowest: 1.5 is left out
+                        rows.append({"scale": "regimes", "arm": arm, "seed": seed, "run": f"{model}-{arm}-s{seed}",
+                                     "bins": 4096, "n_q": 1, "steps": steps, "final": final, "bandwidth_kbps": kbps,
+                                     "si_sdr_db": (gap if arm == "fixed_rel" else 0.0) + 0.1 * seed + 10 * (kbps > 1),
+                                     "usage": 0.9 if arm == "fixed_rel" else 0.1, "entropy_kbps": 0.5,
+                                     "model": model, "train_steps": 3000, "init": "first batch"})
+    rows.append({**rows[0], "init": "warm-up 250, k-means on 4800", "si_sdr_db": 99.0})  # the init cure: left out
+    table = findings.architecture_table(pd.DataFrame(rows)).set_index(["model", "steps"])
+    assert sorted(table.index) == [("encodec_24khz", 500), ("encodec_24khz", 3000), ("small", 500), ("small", 3000)]
+    assert table.loc[("small", 3000), "gap_si_sdr_db"] == pytest.approx(2.0)
+    assert table.loc[("small", 3000), "gap_si_sdr_db_ci95"] == pytest.approx(0.0, abs=1e-9)
+    assert table.loc[("encodec_24khz", 500), "gap_si_sdr_db"] == pytest.approx(3.0)
+    assert math.isnan(table.loc[("encodec_24khz", 500), "gap_si_sdr_db_ci95"])  # one seed: no interval
+    assert table.loc[("small", 500), "none_si_sdr_db"] == pytest.approx(0.1)  # mean over seeds at 0.9 kbps
+    assert table.loc[("small", 500), "gap_usage"] == pytest.approx(0.8) and (table.paired_seeds > 0).all()
+    text = findings.architecture_markdown(table.reset_index())
+    assert "| `encodec_24khz` | 3,000 | 1 | 0.00 / 3.00 / 3.00 |" in text

@@ -438,3 +438,42 @@ def which_cure_markdown(table: pd.DataFrame) -> str:
                                                2) + f" ({r[f'vs_{baseline}_seeds']})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+ARCHITECTURE_METRICS = (("si_sdr_db", "SI-SDR (dB)", 2), ("usage", "usage", 2), ("entropy_kbps", "entropy kbps", 3))
+
+
+def architecture_table(summary: pd.DataFrame, scale: str = "regimes", bins: int = 4096, n_q: int = 1,
+                       steps: int = 3000, arm: str = "fixed_rel", baseline: str = "none") -> pd.DataFrame:
+    """Issue 38: the same single codebook in each model preset, at every scored step of the runs trained `steps`
+    steps with the first-batch init: per model and step, each arm's mean over seeds of SI-SDR, usage and entropy
+    (at the run's bitrate) and `arm` - `baseline` paired by seed with its 95 % interval. One row per model x step."""
+    at = summary[(summary.scale == scale) & (summary.bins == bins) & (summary.n_q == n_q)
+                 & (summary.train_steps == steps) & (summary.init == regimes.FIRST_BATCH)
+                 & summary.arm.isin([arm, baseline])]
+    at = at[np.isclose(at.bandwidth_kbps, at.groupby("run").bandwidth_kbps.transform("min"))]
+    rows = []
+    for (model, step), group in at.groupby(["model", "steps"]):
+        a, b = group[group.arm == arm].set_index("seed"), group[group.arm == baseline].set_index("seed")
+        row = {"model": model, "steps": int(step), "bandwidth_kbps": float(group.bandwidth_kbps.iloc[0])}
+        for metric, _, _ in ARCHITECTURE_METRICS:
+            gap = stats.paired(a, b, metric)
+            row |= {f"{baseline}_{metric}": b[metric].mean(), f"{arm}_{metric}": a[metric].mean(),
+                    f"gap_{metric}": gap.diff, f"gap_{metric}_ci95": gap.ci95, "paired_seeds": gap.n}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def architecture_markdown(table: pd.DataFrame, arm: str = "fixed_rel", baseline: str = "none") -> str:
+    """`architecture_table` as markdown: per model and step, both arms and the paired gap of each metric."""
+    if table.empty:
+        return "_No run of this shape yet._"
+    head = ["model", "steps", "seeds", *(f"{label}: {baseline} / {arm} / gap" for _, label, _ in ARCHITECTURE_METRICS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.to_dict("records"):
+        cells = [f"`{r['model']}`", f"{r['steps']:,}", str(r["paired_seeds"])]
+        for metric, _, digits in ARCHITECTURE_METRICS:
+            gap = reports.format_ci(r[f"gap_{metric}"], r[f"gap_{metric}_ci95"], digits)
+            cells.append(f"{r[f'{baseline}_{metric}']:.{digits}f} / {r[f'{arm}_{metric}']:.{digits}f} / {gap}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
