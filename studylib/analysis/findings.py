@@ -387,6 +387,11 @@ CURE_METRICS = (("si_sdr_db", "SI-SDR (dB)", 2), ("mel_distance", "mel distance"
 CURE_BASELINES = ("none", "fixed_rel")
 
 
+def at_run_bitrate(rows: pd.DataFrame) -> pd.DataFrame:
+    """Summary rows of one-level runs at the bitrate each run spends: its lowest scored bandwidth."""
+    return rows[np.isclose(rows.bandwidth_kbps, rows.groupby("run").bandwidth_kbps.transform("min"))]
+
+
 def cure_label(row: pd.Series) -> str:
     """A run's arm with its codebook init when that is the init cure (issue 37: 'none + init cure')."""
     init = row.get("init")
@@ -400,7 +405,7 @@ def which_cure(summary: pd.DataFrame, scale: str = "regimes", bins: int = 4096, 
     usage and entropy, and each paired by seed against `none` and `fixed_rel` (first-batch init)."""
     at = summary[(summary.scale == scale) & (summary.bins == bins) & (summary.n_q == n_q) & summary.final
                  & (summary.train_steps == steps) & (summary.model == regimes.DEFAULT_MODEL)]
-    at = at[np.isclose(at.bandwidth_kbps, at.groupby("run").bandwidth_kbps.transform("min"))].copy()
+    at = at_run_bitrate(at).copy()
     at["label"] = [cure_label(row) for _, row in at.iterrows()]
     rows = []
     for label, group in at.groupby("label", sort=False):
@@ -451,7 +456,7 @@ def architecture_table(summary: pd.DataFrame, scale: str = "regimes", bins: int 
     at = summary[(summary.scale == scale) & (summary.bins == bins) & (summary.n_q == n_q)
                  & (summary.train_steps == steps) & (summary.init == regimes.FIRST_BATCH)
                  & summary.arm.isin([arm, baseline])]
-    at = at[np.isclose(at.bandwidth_kbps, at.groupby("run").bandwidth_kbps.transform("min"))]
+    at = at_run_bitrate(at)
     rows = []
     for (model, step), group in at.groupby(["model", "steps"]):
         a, b = group[group.arm == arm].set_index("seed"), group[group.arm == baseline].set_index("seed")
